@@ -1,0 +1,1 @@
+"""pocketdiff.export: mapped here by pyproject.toml; no modules yet (see the open issues)."""

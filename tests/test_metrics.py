@@ -1,0 +1,38 @@
+"""Metric code on inputs with known answers, and the shipped teacher and classifier."""
+
+import numpy as np
+import torch
+
+from pocketdiff.data import load_fashion_mnist
+from pocketdiff.metrics.agreement import psnr, ssim
+from pocketdiff.metrics.classifier import load_classifier, prompt_accuracy
+from pocketdiff.metrics.fid import fid_from_features, kid
+from pocketdiff.sampler import SampleConfig, generate
+from pocketdiff.zoo import load_fashion
+
+
+def test_fid_and_kid_known_answers():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(2000, 16))
+    b = rng.normal(loc=1.0, size=(2000, 16))
+    assert abs(fid_from_features(a, a)) < 1e-6
+    assert abs(fid_from_features(a, b) - 16.0) < 1.0  # |mu difference|^2 = 16
+    assert kid(a, b, subsets=5, subset_size=500)[0] > 10 * abs(kid(a, a[::-1].copy(), subsets=5, subset_size=500)[0])
+
+
+def test_psnr_ssim():
+    x = torch.rand(2, 3, 32, 32)
+    assert psnr(x, x) == float("inf") and abs(ssim(x, x) - 1) < 1e-9
+    assert 19 < psnr(x, (x + 0.1).clamp(0, 1)) < 22
+
+
+def test_classifier_accuracy_on_real_test_batch():
+    x, y = load_fashion_mnist("test")
+    acc = prompt_accuracy(load_classifier(), torch.from_numpy(x[:2000] / 255.0).float().unsqueeze(1), y[:2000])
+    assert acc > 0.91
+
+
+def test_shipped_teacher_generates_on_cpu():
+    bundle = load_fashion()
+    img = generate(bundle, ["a photo of a sneaker"], SampleConfig(steps=4, guidance_scale=4.0), progress=False)
+    assert img.shape == (1, 3, 64, 64) and torch.isfinite(img).all() and img.std() > 0.05
