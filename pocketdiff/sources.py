@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .bundle import Bundle
-from .errors import InputPathError
+from .errors import ConfigError, InputPathError
 from .zoo import build_arch, load_fashion
 
 DEFAULT_MODEL = "fashion"
@@ -21,9 +21,8 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, sh
         return build_arch(spec.removeprefix("arch:"), device="meta" if shapes_only else "cpu")
     path = Path(spec)
     if path.suffix == ".safetensors":
-        from .single_file import load_single_file
-
-        return load_single_file(path, dtype=dtype)
+        raise ConfigError(f"{spec}: single-file checkpoints are not supported yet; convert it to a diffusers "
+                          "folder (diffusers' StableDiffusionPipeline.from_single_file) and give the folder")
     if not path.exists():
         raise InputPathError(f"{spec}: no such model; give 'fashion', arch:NAME (sd15, sd21, sdxl, tiny), "
                              "a diffusers pipeline folder or a .safetensors checkpoint")
