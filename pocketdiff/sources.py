@@ -24,6 +24,6 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, sh
         raise ConfigError(f"{spec}: single-file checkpoints are not supported yet; convert it to a diffusers "
                           "folder (diffusers' StableDiffusionPipeline.from_single_file) and give the folder")
     if not path.exists():
-        raise InputPathError(f"{spec}: no such model; give 'fashion', arch:NAME (sd15, sd21, sdxl, tiny), "
-                             "a diffusers pipeline folder or a .safetensors checkpoint")
+        raise InputPathError(f"{spec}: no such model; give 'fashion', arch:NAME (sd15, sd21, sdxl, tiny) "
+                             "or a diffusers pipeline folder")
     return Bundle.load(path, dtype=dtype)
