@@ -87,27 +87,30 @@ class Bundle:
 
     def save(self, path: str | Path) -> str:
         """Write the Bundle as a diffusers folder plus pocketdiff.json, atomically; return its hash."""
-        path = Path(path)
-        with atomic_dir(path) as tmp:
-            index: dict[str, Any] = {"_class_name": self.pipeline_class,
-                                     "_diffusers_version": diffusers.__version__,
-                                     "safety_checker": [None, None],
-                                     "feature_extractor": [None, None],
-                                     "requires_safety_checker": False}
-            for name in COMPONENTS:
-                comp = getattr(self, name)
-                if comp is None:
-                    index[name] = [None, None]
-                    continue
-                library = "transformers" if type(comp).__module__.startswith("transformers") else "diffusers"
-                index[name] = [library, type(comp).__name__]
-                if name in MODEL_COMPONENTS:
-                    comp.save_pretrained(tmp / name, safe_serialization=True)
-                else:
-                    comp.save_pretrained(tmp / name)
-            atomic_write_json(tmp / "model_index.json", index)
-            self.manifest.content_hash = hash_tree(tmp, exclude=(MANIFEST,))
-            atomic_write_json(tmp / MANIFEST, self.manifest.to_json())
+        with atomic_dir(Path(path)) as tmp:
+            return self.write_into(tmp)
+
+    def write_into(self, tmp: Path) -> str:
+        """Write the pipeline files into the empty folder `tmp` (the caller makes it atomic); return the hash."""
+        index: dict[str, Any] = {"_class_name": self.pipeline_class,
+                                 "_diffusers_version": diffusers.__version__,
+                                 "safety_checker": [None, None],
+                                 "feature_extractor": [None, None],
+                                 "requires_safety_checker": False}
+        for name in COMPONENTS:
+            comp = getattr(self, name)
+            if comp is None:
+                index[name] = [None, None]
+                continue
+            library = "transformers" if type(comp).__module__.startswith("transformers") else "diffusers"
+            index[name] = [library, type(comp).__name__]
+            if name in MODEL_COMPONENTS:
+                comp.save_pretrained(tmp / name, safe_serialization=True)
+            else:
+                comp.save_pretrained(tmp / name)
+        atomic_write_json(tmp / "model_index.json", index)
+        self.manifest.content_hash = hash_tree(tmp, exclude=(MANIFEST,))
+        atomic_write_json(tmp / MANIFEST, self.manifest.to_json())
         return self.manifest.content_hash
 
     @classmethod

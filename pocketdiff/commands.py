@@ -81,6 +81,28 @@ def _generate(p: argparse.ArgumentParser) -> Handler:
     return run
 
 
+@command("run", "run a recipe stage by stage into a run folder; unchanged stages are reused")
+def _run(p: argparse.ArgumentParser) -> Handler:
+    p.add_argument("recipe", nargs="?", default="default", help="a recipe TOML file or a built-in recipe name")
+    p.add_argument("--model", default=None, help="override the recipe's model")
+    p.add_argument("--out", type=path_arg, default=None, help="run folder (default: runs/<recipe name>)")
+
+    def run(args: argparse.Namespace) -> None:
+        import sys
+
+        from .recipe import load_recipe
+        from .runner import run_recipe
+
+        recipe = load_recipe(args.recipe)
+        out = args.out or Path("runs") / Path(recipe.source).stem
+        summary = run_recipe(recipe, out, model=args.model,
+                             log=(lambda _: None) if args.json else (lambda m: print(m, file=sys.stderr)))
+        lines = [f"{s['folder']}: {s['status']} ({s['seconds']} s)" for s in summary["stages"]]
+        lines += summary["samples"] + [f"run folder: {out}"]
+        emit(args, summary, "\n".join(lines))
+    return run
+
+
 @command("train", "train the built-in teacher or the prompt-accuracy classifier")
 def _train(p: argparse.ArgumentParser) -> Handler:
     from .teacher.config import TrainConfig
@@ -95,6 +117,10 @@ def _train(p: argparse.ArgumentParser) -> Handler:
     defaults = TrainConfig()
     for field in ("seed", "vae_steps", "vae_batch", "unet_steps", "unet_batch", "warmup", "checkpoint_every"):
         p.add_argument("--" + field.replace("_", "-"), type=int, default=getattr(defaults, field))
+    for field in ("vae_kl_weight", "unet_lr"):
+        p.add_argument("--" + field.replace("_", "-"), type=float, default=getattr(defaults, field))
+    p.add_argument("--vae-from", type=path_arg, default=None,
+                   help="pipeline folder whose VAE to reuse instead of training one")
     p.add_argument("--time-limit", type=float, default=None, help="seconds per phase before a resumable stop")
 
     def run(args: argparse.Namespace) -> None:
@@ -103,9 +129,11 @@ def _train(p: argparse.ArgumentParser) -> Handler:
 
             cfg = TrainConfig(seed=args.seed, vae_steps=args.vae_steps, vae_batch=args.vae_batch,
                               unet_steps=args.unet_steps, unet_batch=args.unet_batch, warmup=args.warmup,
-                              checkpoint_every=args.checkpoint_every, time_limit_s=args.time_limit)
+                              checkpoint_every=args.checkpoint_every, time_limit_s=args.time_limit,
+                              vae_kl_weight=args.vae_kl_weight, unet_lr=args.unet_lr)
             result = train_teacher(args.out, cfg, data_root=args.data, captions_cache=args.captions_cache,
-                                   device=args.device, data_limit=args.data_limit, progress=not args.json)
+                                   device=args.device, data_limit=args.data_limit, progress=not args.json,
+                                   vae_from=args.vae_from)
         else:
             from .metrics.classifier import train_classifier
 

@@ -98,6 +98,32 @@ def encode_latents(vae: diffusers.AutoencoderKL, images: torch.Tensor, batch: in
     return torch.cat(means), torch.cat(stds)
 
 
+def load_vae(folder: Path) -> diffusers.AutoencoderKL:
+    """A trained VAE from a pipeline folder (its vae/) or a VAE folder, in fp32, eval mode."""
+    folder = Path(folder)
+    sub = folder / "vae" if (folder / "vae").is_dir() else folder
+    if not (sub / "config.json").is_file():
+        raise DataError(f"{folder}: no VAE here (expected config.json in it or in its vae/ folder)")
+    return diffusers.AutoencoderKL.from_pretrained(sub).float().eval()
+
+
+@torch.no_grad()
+def vae_diagnostics(vae: diffusers.AutoencoderKL, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                    scale: float, seed: int = 0) -> dict[str, float]:
+    """How well the VAE reconstructs, and how gracefully its decoder takes latent noise.
+
+    A decoder that turns small latent errors into speckle makes every diffusion sample speckled;
+    `noisy_l1_*` is the reconstruction L1 after Gaussian noise of that std (in scaled-latent units).
+    """
+    g = torch.Generator(mean.device).manual_seed(seed)
+    out = {"vae_recon_l1": float(F.l1_loss(vae.decode(mean).sample.float(), images)),
+           "posterior_std_scaled": float((std * scale).mean())}
+    for sigma in (0.1, 0.2):
+        noise = torch.randn(mean.shape, generator=g, device=mean.device) * sigma / scale
+        out[f"noisy_l1_{sigma}"] = float(F.l1_loss(vae.decode(mean + noise).sample.float(), images))
+    return out
+
+
 def train_unet(mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor, states: torch.Tensor,
                scale: float, cfg: TrainConfig, work: Path, device: torch.device,
                progress: bool = True) -> tuple[diffusers.UNet2DConditionModel, bool]:
@@ -134,8 +160,11 @@ def train_unet(mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor, stat
 
 
 def train_teacher(out: Path, cfg: TrainConfig, data_root: Path | None = None, captions_cache: Path | None = None,
-                  device: str | None = None, data_limit: int | None = None, progress: bool = True) -> dict:
-    """Train VAE then U-Net; write the pipeline (fp16 weights) to `out`. Returns a summary."""
+                  device: str | None = None, data_limit: int | None = None, progress: bool = True,
+                  vae_from: Path | None = None) -> dict:
+    """Train VAE (or take the one in pipeline folder `vae_from`) then U-Net; write the pipeline
+    (fp16, EMA weights) to `out`, also when the time limit stopped the U-Net early (the summary
+    says so and a rerun resumes). Returns a summary."""
     out = Path(out)
     work = out.parent / f".{out.name}.train"
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -153,29 +182,34 @@ def train_teacher(out: Path, cfg: TrainConfig, data_root: Path | None = None, ca
         summary["gpu"] = torch.cuda.get_device_name(dev)
 
     t0 = time.monotonic()
-    vae, done = train_vae(images, cfg, work, dev, progress)
-    summary["vae_seconds"] = round(time.monotonic() - t0, 1)
-    if not done:
-        return {**summary, "finished": False, "stopped_in": "vae"}
+    if vae_from is not None:
+        vae = load_vae(vae_from).to(dev)
+        summary["vae_from"] = str(vae_from)
+    else:
+        vae, done = train_vae(images, cfg, work, dev, progress)
+        summary["vae_seconds"] = round(time.monotonic() - t0, 1)
+        if not done:
+            return {**summary, "finished": False, "stopped_in": "vae"}
     with _autocast(dev):
         mean, std = encode_latents(vae, images)
     scale = float(1.0 / mean.std())
     vae.register_to_config(scaling_factor=scale)
-    with torch.no_grad(), _autocast(dev):
-        rec = vae.decode(mean[:1000]).sample.float()
-    summary["vae_recon_l1"] = float(F.l1_loss(rec, images[:1000]))
-    summary["latent_scale"] = scale
+    summary.update(latent_scale=scale, **vae_diagnostics(vae, images[:1000], mean[:1000], std[:1000], scale))
 
     t1 = time.monotonic()
     unet, done = train_unet(mean, std, labels, states, scale, cfg, work, dev, progress)
     summary["unet_seconds"] = round(time.monotonic() - t1, 1)
-    if not done:
-        return {**summary, "finished": False, "stopped_in": "unet"}
+    summary["unet_steps_done"] = _last_step(work / "unet.ckpt")
     summary["final_loss"] = {p: _last_loss(work / f"{p}_log.jsonl") for p in ("vae", "unet")}
+    summary["finished"] = done
     bundle = Bundle(unet=unet.half().cpu(), vae=vae.half().cpu(), scheduler=diffusers.DDIMScheduler.from_config(SCHEDULER),
                     manifest=Manifest(source={"kind": "trained", "name": "fashion", "summary": summary}))
     bundle.save(out)
-    return {**summary, "finished": True}
+    return summary
+
+
+def _last_step(ckpt: Path) -> int:
+    return int(torch.load(ckpt, map_location="cpu", weights_only=True)["step"]) if ckpt.is_file() else 0
 
 
 def _last_loss(log_file: Path) -> float | None:
