@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 
 run: $(STAMP) data
 	$(VPY) -m pocketdiff info fashion
-	$(VPY) -m pocketdiff generate fashion -p "a photo of a sneaker" -p "a photo of a dress" -p "ankle boot, product shot" -n 2 --steps 25 --scheduler dpmsolver++ --guidance-scale 4 --out runs/default
+	$(VPY) -m pocketdiff run default --out runs/default
 
 test: $(STAMP) data
 	$(VPY) -m pytest -q tests

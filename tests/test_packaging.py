@@ -1,0 +1,34 @@
+"""A regular (non-editable) wheel install carries every module, the shipped weights and recipes."""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_wheel_installs_and_runs(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path / "dist"), str(ROOT)], check=True, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("pocketdiff-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for expected in ("pocketdiff/cli.py", "pocketdiff/export/base.py", "pocketdiff/runtimes/base.py",
+                     "pocketdiff/compress/__init__.py", "pocketdiff/recipes/default.toml",
+                     "pocketdiff/weights/classifier.safetensors",
+                     "pocketdiff/weights/fashion/unet/diffusion_pytorch_model.safetensors"):
+        assert expected in names, expected
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    where = subprocess.run([sys.executable, "-c", "import pocketdiff; print(pocketdiff.__file__)"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout
+    assert where.startswith(str(site))
+    out = subprocess.run([sys.executable, "-m", "pocketdiff", "info", "fashion", "--json"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    unet = next(c for c in json.loads(out.stdout)["components"] if c["component"] == "unet")
+    assert unet["params"] > 1_000_000
