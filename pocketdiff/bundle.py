@@ -153,15 +153,22 @@ def check_safetensors(folder: Path) -> None:
         raise CorruptFileError(f"{folder}: no .safetensors weights (pickled .bin weights are "
                                "refused: convert them to safetensors)")
     for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as st:
-                for key in st.keys():
-                    st.get_slice(key)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CorruptFileError(f"{f}: unreadable safetensors file ({e}); re-copy or re-export it") from e
-        expected = _safetensors_end(f)
-        if f.stat().st_size < expected:
-            raise CorruptFileError(f"{f}: truncated ({f.stat().st_size} of {expected} bytes); re-copy it")
+        check_safetensors_file(f)
+
+
+def check_safetensors_file(f: Path) -> list[str]:
+    """The tensor names of safetensors file `f`; CorruptFileError if it is unreadable or truncated."""
+    try:
+        with safe_open(str(f), framework="pt") as st:
+            keys = list(st.keys())
+            for key in keys:
+                st.get_slice(key)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CorruptFileError(f"{f}: unreadable safetensors file ({e}); re-copy or re-export it") from e
+    expected = _safetensors_end(f)
+    if f.stat().st_size < expected:
+        raise CorruptFileError(f"{f}: truncated ({f.stat().st_size} of {expected} bytes); re-copy it")
+    return keys
 
 
 def _safetensors_end(f: Path) -> int:

@@ -12,6 +12,8 @@ from .sources import DEFAULT_MODEL
 def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help="'fashion' (built-in), arch:sd15|sd21|sdxl|tiny, a diffusers folder or a .safetensors file")
+    p.add_argument("--model-config", type=path_arg, default=None,
+                   help="diffusers config folder for a single-file checkpoint (default: SD1.5/SD2.1 from the zoo)")
 
 
 @command("info", "parameters, MACs per call and weight bytes of each component")
@@ -23,7 +25,7 @@ def _info(p: argparse.ArgumentParser) -> Handler:
         from .costs import measure_costs
         from .sources import load_model
 
-        bundle = load_model(args.model, shapes_only=True)
+        bundle = load_model(args.model, shapes_only=True, config=args.model_config)
         costs = measure_costs(bundle, args.resolution)
         res = args.resolution or bundle.resolution
         rows = [f"{args.model} at {res}x{res} (batch 1, 77 text tokens)",
@@ -62,7 +64,7 @@ def _generate(p: argparse.ArgumentParser) -> Handler:
         from .sources import load_model
         from .fileio import atomic_write_bytes
 
-        bundle = load_model(args.model)
+        bundle = load_model(args.model, config=args.model_config)
         prompts = [pr for pr in args.prompt for _ in range(args.num_images)]
         cfg = SampleConfig(steps=args.steps, scheduler=args.scheduler, guidance_scale=args.guidance_scale,
                            negative_prompt=args.negative_prompt, seed=args.seed, height=args.height,
@@ -85,6 +87,8 @@ def _generate(p: argparse.ArgumentParser) -> Handler:
 def _run(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("recipe", nargs="?", default="default", help="a recipe TOML file or a built-in recipe name")
     p.add_argument("--model", default=None, help="override the recipe's model")
+    p.add_argument("--model-config", type=path_arg, default=None,
+                   help="diffusers config folder for a single-file checkpoint (default: SD1.5/SD2.1 from the zoo)")
     p.add_argument("--out", type=path_arg, default=None, help="run folder (default: runs/<recipe name>)")
 
     def run(args: argparse.Namespace) -> None:
@@ -95,7 +99,7 @@ def _run(p: argparse.ArgumentParser) -> Handler:
 
         recipe = load_recipe(args.recipe)
         out = args.out or Path("runs") / Path(recipe.source).stem
-        summary = run_recipe(recipe, out, model=args.model,
+        summary = run_recipe(recipe, out, model=args.model, config=args.model_config,
                              log=(lambda _: None) if args.json else (lambda m: print(m, file=sys.stderr)))
         lines = [f"{s['folder']}: {s['status']} ({s['seconds']} s)" for s in summary["stages"]]
         lines += summary["samples"] + [f"run folder: {out}"]

@@ -64,12 +64,13 @@ def _finished_key(folder: Path) -> str | None:
         return None
 
 
-def run_recipe(recipe: Recipe, run_dir: Path, model: str | None = None,
+def run_recipe(recipe: Recipe, run_dir: Path, model: str | None = None, config: Path | None = None,
                log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """Execute `recipe` into `run_dir`; returns a summary (also written to run.json)."""
+    """Execute `recipe` into `run_dir` (`model` overrides the recipe's; `config` is a single-file
+    checkpoint's config folder); returns a summary, also written to run.json."""
     run_dir = Path(run_dir)
     spec = model or recipe.model
-    bundle: Bundle | None = load_model(spec)
+    bundle: Bundle | None = load_model(spec, config=config)
     key = hash_json({"model": spec, "content": bundle.manifest.content_hash or bundle.manifest.source})
     results: list[StageResult] = []
     for i, stage in enumerate(recipe.stages, start=1):
