@@ -1,0 +1,123 @@
+"""What every exporter shares: the artifact record, the artifact-folder manifest and the registry.
+
+An exporter turns one Bundle component into one artifact for one runtime. Exporters register
+under their target name ("onnx", "coreml", "executorch"); `pocketdiff export` looks them up here,
+so adding a backend is one new module and no if/else anywhere else.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from ..bundle import Bundle
+from ..errors import CorruptFileError, InputPathError, UserError
+from ..fileio import atomic_write_json
+
+MANIFEST = "artifacts.json"
+COMPONENT_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+PRECISIONS = ("fp32", "fp16")
+
+
+@dataclass
+class ExportOptions:
+    """What to export and for which shapes; the same for every target."""
+
+    components: tuple[str, ...] = ("text_encoder", "unet", "vae_decoder")
+    precision: str = "fp32"
+    batch_sizes: tuple[int, ...] = (1, 2)
+    resolutions: tuple[int, ...] = ()  # image sides in pixels; empty = the model's native one
+    extra: dict[str, Any] = field(default_factory=dict)  # target-specific (e.g. deployment_target)
+
+    def __post_init__(self) -> None:
+        bad = [c for c in self.components if c not in COMPONENT_NAMES]
+        if bad:
+            raise UserError(f"unknown component {bad[0]!r}; choose from {', '.join(COMPONENT_NAMES)}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
+
+
+@dataclass
+class Artifact:
+    """One exported component: where it is and what it takes and returns.
+
+    `inputs` / `outputs` map tensor names to {"shape": [...] (ints, or strings for dynamic dims),
+    "dtype": "float32" | "float16" | "int64" | ...}. `shapes` lists the concrete input shapes the
+    artifact was exported (and validated) for.
+    """
+
+    target: str
+    component: str
+    path: str  # relative to the artifact folder
+    precision: str
+    inputs: dict[str, dict[str, Any]]
+    outputs: dict[str, dict[str, Any]]
+    shapes: list[dict[str, list[int]]] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)  # e.g. fused-attention op counts, export seconds
+
+
+@dataclass
+class ArtifactSet:
+    """Every artifact of one export, plus what the sampler needs beside the graphs."""
+
+    model: str
+    artifacts: list[Artifact]
+    sampler: dict[str, Any] = field(default_factory=dict)  # scheduler config, scaling_factor, tokenizer dir
+
+    def find(self, target: str, component: str) -> Artifact:
+        for a in self.artifacts:
+            if a.target == target and a.component == component:
+                return a
+        have = sorted({f"{a.target}/{a.component}" for a in self.artifacts})
+        raise InputPathError(f"no {target} {component} artifact in this folder (has: {', '.join(have) or 'none'})")
+
+    def save(self, folder: Path) -> None:
+        atomic_write_json(Path(folder) / MANIFEST, {"model": self.model, "sampler": self.sampler,
+                                                    "artifacts": [asdict(a) for a in self.artifacts]})
+
+    @classmethod
+    def load(cls, folder: Path) -> ArtifactSet:
+        path = Path(folder) / MANIFEST
+        if not path.is_file():
+            raise InputPathError(f"{folder}: not a pocketdiff artifact folder (no {MANIFEST}); "
+                                 "make one with `pocketdiff export`")
+        try:
+            data = json.loads(path.read_text())
+            return cls(model=data["model"], sampler=data.get("sampler", {}),
+                       artifacts=[Artifact(**a) for a in data["artifacts"]])
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptFileError(f"{path}: unreadable artifact manifest ({e})") from e
+
+
+class Exporter(Protocol):
+    """Turns one Bundle component into one artifact under `out` (a folder being written atomically)."""
+
+    target: ClassVar[str]
+
+    def export(self, bundle: Bundle, component: str, options: ExportOptions, out: Path) -> Artifact:
+        ...
+
+
+_EXPORTERS: dict[str, type] = {}
+
+
+def register_exporter(cls: type) -> type:
+    """Class decorator: make an exporter available under `cls.target`."""
+    if cls.target in _EXPORTERS:
+        raise ValueError(f"exporter {cls.target!r} registered twice")
+    _EXPORTERS[cls.target] = cls
+    return cls
+
+
+def get_exporter(target: str) -> Exporter:
+    """An instance of the exporter for `target`."""
+    if target not in _EXPORTERS:
+        raise UserError(f"unknown export target {target!r}; available: {', '.join(sorted(_EXPORTERS)) or 'none'}")
+    return _EXPORTERS[target]()
+
+
+def exporter_names() -> list[str]:
+    """Every registered export target."""
+    return sorted(_EXPORTERS)

@@ -1,0 +1,52 @@
+"""The one small interface every runtime adapter implements, and the registry of adapters.
+
+A Session runs one exported artifact in its real runtime (onnxruntime, ExecuTorch's Python
+runtime, Core ML). Adapters register under the export target they load; the validation harness
+and the profiler only ever talk to `open_session`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Protocol
+
+import numpy as np
+
+from ..errors import UserError
+from ..export.base import Artifact
+
+
+class Session(Protocol):
+    """A loaded artifact. `static_only` sessions (Core ML on Linux) can check but not run."""
+
+    static_only: bool
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs by name for inputs by name."""
+        ...
+
+
+class Runtime(Protocol):
+    target: ClassVar[str]
+
+    def open(self, artifact: Artifact, folder: Path) -> Session:
+        ...
+
+
+_RUNTIMES: dict[str, type] = {}
+
+
+def register_runtime(cls: type) -> type:
+    """Class decorator: make a runtime adapter available for artifacts of `cls.target`."""
+    if cls.target in _RUNTIMES:
+        raise ValueError(f"runtime {cls.target!r} registered twice")
+    _RUNTIMES[cls.target] = cls
+    return cls
+
+
+def open_session(artifact: Artifact, folder: Path) -> Session:
+    """Load `artifact` (from the artifact folder `folder`) in the runtime registered for its target."""
+    if artifact.target not in _RUNTIMES:
+        raise UserError(f"no runtime adapter for {artifact.target!r} artifacts; "
+                        f"available: {', '.join(sorted(_RUNTIMES)) or 'none'}")
+    return _RUNTIMES[artifact.target]().open(artifact, Path(folder))
