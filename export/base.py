@@ -121,3 +121,47 @@ def get_exporter(target: str) -> Exporter:
 def exporter_names() -> list[str]:
     """Every registered export target."""
     return sorted(_EXPORTERS)
+
+
+# Backends that register themselves on import: each name is a module in export/ (its exporter) and,
+# when present, in runtimes/ (its adapter). The Core ML / ExecuTorch owner adds "coreml" and
+# "executorch" to this tuple.
+BUILTIN_BACKENDS: tuple[str, ...] = ("onnx",)
+
+
+def load_builtins() -> None:
+    """Import every built-in exporter and runtime adapter so they register."""
+    import importlib
+    import importlib.util
+
+    for name in BUILTIN_BACKENDS:
+        for package in ("pocketdiff.export", "pocketdiff.runtimes"):
+            if importlib.util.find_spec(f"{package}.{name}") is not None:
+                importlib.import_module(f"{package}.{name}")
+
+
+def sampler_info(bundle: Bundle) -> dict[str, Any]:
+    """What a runner needs beside the graphs: scheduler config, latent scaling and shape rules."""
+    return {"scheduler": json.loads(json.dumps(dict(bundle.scheduler.config), default=str)),
+            "scaling_factor": float(bundle.vae.config.scaling_factor),
+            "vae_scale_factor": bundle.vae_scale_factor, "resolution": bundle.resolution,
+            "latent_channels": int(bundle.unet.config.in_channels)}
+
+
+def export_bundle(bundle: Bundle, model: str, targets: list[str], options: ExportOptions, out: Path,
+                  log: Any = None) -> ArtifactSet:
+    """Export every component for every target into `out`, atomically (a failure leaves `out` untouched)."""
+    from ..fileio import atomic_dir
+
+    load_builtins()
+    exporters = [get_exporter(t) for t in targets]  # unknown targets fail before anything is written
+    artifacts: list[Artifact] = []
+    with atomic_dir(Path(out)) as tmp:
+        for exporter in exporters:
+            for component in options.components:
+                if log:
+                    log(f"{exporter.target}: exporting {component} ({options.precision})")
+                artifacts.append(exporter.export(bundle, component, options, tmp))
+        aset = ArtifactSet(model=model, artifacts=artifacts, sampler=sampler_info(bundle))
+        aset.save(tmp)
+    return aset

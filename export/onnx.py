@@ -1,0 +1,299 @@
+"""The ONNX exporter: optimum-style folders (onnx/unet/model.onnx + config.json), fp32 or fp16, fused attention.
+
+Each component is traced from its `export.components` wrapper with dynamic batch and image axes,
+attention emitted as onnxruntime's fused MultiHeadAttention (`export.attention`), 3x3 convolutions
+rewritten to Winograd form where the measured table says it wins (`export.winograd`). fp16 graphs
+keep fp32 islands: always the timestep embedding, and more (normalisations and attention, then the
+whole graph) when a trial run shows NaN, Inf, a black image or a drift from the fp32 reference.
+Weights go to one external-data file when the graph passes 2 GB.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from ..bundle import Bundle
+from ..errors import GateError, UnsupportedOpError
+from ..fileio import atomic_write_json
+from .attention import attention_form, choose_form, count_onnx_fused, intended_fused_count
+from .base import Artifact, ExportOptions, register_exporter
+from .components import check_resolution, example_inputs, locate_op, resolution_multiple, wrap
+
+OPSET = 18
+PROTOBUF_LIMIT = 2 * 1024 ** 3
+EXTERNAL_DATA = "model.onnx_data"
+# fp32 islands tried in order for fp16 graphs until the trial run is clean.
+NORM_AND_ATTENTION_OPS = ["InstanceNormalization", "LayerNormalization", "GroupNormalization", "Softmax",
+                          "MultiHeadAttention", "Attention", "ReduceMean", "Pow", "Sqrt", "Exp", "Erf"]
+# Ops whose extra inputs must stay float32 (Resize scales) in every fp16 graph.
+ALWAYS_FP32 = ["Resize"]
+ISLAND_LADDER = ("timestep", "timestep+norm+attention", "all")
+FP16_MAX_REL_L2 = 0.05
+_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+           onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32"}
+
+
+def component_config(bundle: Bundle, component: str) -> dict[str, Any]:
+    """The diffusers/transformers config of the module a component comes from, as plain JSON."""
+    module = bundle.text_encoder if component == "text_encoder" else (
+        bundle.unet if component == "unet" else bundle.vae)
+    cfg = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
+    return json.loads(json.dumps(cfg, default=str))
+
+
+def trace_to_onnx(module: torch.nn.Module, feeds: dict[str, torch.Tensor], input_names: list[str],
+                  output_names: list[str], dynamic_axes: dict[str, dict[int, str]] | None, path: Path) -> None:
+    """torch.onnx.export (TorchScript path, opset 18, com.microsoft ops allowed); names unsupported ops."""
+    try:
+        with torch.no_grad():
+            torch.onnx.export(module, tuple(feeds[n] for n in input_names), str(path), input_names=input_names,
+                              output_names=output_names, dynamic_axes=dynamic_axes, opset_version=OPSET,
+                              custom_opsets={"com.microsoft": 1}, do_constant_folding=True, dynamo=False)
+    except torch.onnx.errors.OnnxExporterError as e:
+        raise _unsupported(module, feeds, e) from e
+    except RuntimeError as e:
+        if "Unsupported" in str(e) or "not supported" in str(e) or "Exporting the operator" in str(e):
+            raise _unsupported(module, feeds, e) from e
+        raise
+
+
+def _unsupported(module: torch.nn.Module, feeds: dict[str, torch.Tensor], e: Exception) -> UnsupportedOpError:
+    import re
+
+    text = str(e)
+    match = re.search(r"operator '?([\w:.]+)'?", text) or re.search(r"(aten::\w+)", text)
+    op = match.group(1) if match else "unknown op"
+    where = locate_op(module, feeds, op) if match else None
+    first = text.strip().splitlines()[0][:200] if text.strip() else type(e).__name__
+    return UnsupportedOpError(f"ONNX opset {OPSET} cannot express {op}"
+                              f"{f' (in module {where})' if where else ''}: {first}; "
+                              "replace that layer or export to another target")
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of all weights (raw or external), to decide on the external-data format."""
+    total = 0
+    for t in model.graph.initializer:
+        n = int(np.prod(t.dims)) if t.dims else 1
+        total += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> bool:
+    """Write `model` to `path`, weights in one `model.onnx_data` beside it past 2 GB; returns whether external."""
+    external = initializer_bytes(model) > PROTOBUF_LIMIT - (64 << 20)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=EXTERNAL_DATA, size_threshold=1024)
+    return external
+
+
+def _ancestors(model: onnx.ModelProto, seeds: list[onnx.NodeProto]) -> set[str]:
+    producer = {o: n for n in model.graph.node for o in n.output}
+    seen: set[str] = set()
+    stack = list(seeds)
+    while stack:
+        node = stack.pop()
+        if node.name in seen:
+            continue
+        seen.add(node.name)
+        stack.extend(producer[i] for i in node.input if i in producer)
+    return seen
+
+
+def fp32_island(model: onnx.ModelProto, rung: str) -> tuple[list[str], list[str]]:
+    """(op types, node names) kept in fp32 for an island rung of `ISLAND_LADDER`."""
+    time_nodes = [n for n in model.graph.node if "/time_proj/" in n.name]
+    names = sorted(_ancestors(model, time_nodes))
+    if rung == "timestep":
+        return [], names
+    if rung == "timestep+norm+attention":
+        return NORM_AND_ATTENTION_OPS, names
+    return sorted({n.op_type for n in model.graph.node}), names
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Turn tensor-valued Constant nodes into initializers, so the fp16 converter sees who consumes them."""
+    keep = []
+    for node in model.graph.node:
+        attr = node.attribute[0] if node.op_type == "Constant" and len(node.attribute) == 1 else None
+        if attr is not None and attr.name == "value":
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(attr.t)
+            tensor.name = node.output[0]
+            model.graph.initializer.append(tensor)
+        else:
+            keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return model
+
+
+def to_fp16(model: onnx.ModelProto, rung: str) -> onnx.ModelProto:
+    """fp16 copy of an fp32 graph with the given fp32 island; fp16 float I/O except the timestep."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    model = constants_to_initializers(copy.deepcopy(model))
+    ops, nodes = fp32_island(model, rung)
+    keep = [i.name for i in model.graph.input if i.name == "timestep"]
+    model = convert_float_to_float16(model, keep_io_types=keep or False,
+                                     op_block_list=DEFAULT_OP_BLOCK_LIST + ALWAYS_FP32 + ops,
+                                     node_block_list=nodes, disable_shape_infer=True)
+    return topological_sort(model)
+
+
+def topological_sort(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Reorder nodes so each comes after the producers of its inputs (the fp16 converter appends Casts)."""
+    available = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
+    pending = list(model.graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in available for i in node.input):
+                ordered.append(node)
+                available.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise ValueError(f"graph has a cycle or a dangling input at node {rest[0].name}")
+        pending = rest
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)
+    return model
+
+
+def run_onnx(model_path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """One onnxruntime CPU run of a saved model (used for the fp16 trial)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    types = {i.name: i.type for i in sess.get_inputs()}
+    cast = {k: v.astype(np.float16) if types[k] == "tensor(float16)" else v for k, v in feeds.items()}
+    return sess.run(None, cast)
+
+
+def fp16_trouble(reference: np.ndarray, candidate: np.ndarray) -> str | None:
+    """Why an fp16 output must not ship (NaN/Inf, black/constant, drift), or None when it is fine."""
+    cand = candidate.astype(np.float64)
+    if not np.isfinite(cand).all():
+        return "NaN or Inf in the output"
+    ref = reference.astype(np.float64)
+    if cand.std() < 1e-3 * max(ref.std(), 1e-12):
+        return "constant (black) output"
+    rel = np.linalg.norm(ref - cand) / max(np.linalg.norm(ref), 1e-30)
+    if rel > FP16_MAX_REL_L2:
+        return f"relative L2 error {rel:.3g} against fp32 (limit {FP16_MAX_REL_L2})"
+    return None
+
+
+def io_description(model: onnx.ModelProto) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Name -> {shape (ints or dim names), dtype} for the graph's inputs and outputs."""
+    def describe(values: Any) -> dict[str, dict[str, Any]]:
+        out = {}
+        for v in values:
+            t = v.type.tensor_type
+            shape = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+            out[v.name] = {"shape": shape, "dtype": _DTYPES.get(t.elem_type, str(t.elem_type))}
+        return out
+    return describe(model.graph.input), describe(model.graph.output)
+
+
+def _write_pipeline_files(bundle: Bundle, root: Path) -> None:
+    """tokenizer/, scheduler/ and model_index.json beside the component folders (diffusers ONNX layout)."""
+    if (root / "model_index.json").exists():
+        return
+    index: dict[str, Any] = {"_class_name": "OnnxStableDiffusionPipeline", "_diffusers_version": _diffusers_version(),
+                             "safety_checker": [None, None], "feature_extractor": [None, None],
+                             "requires_safety_checker": False,
+                             "scheduler": ["diffusers", type(bundle.scheduler).__name__]}
+    bundle.scheduler.save_pretrained(root / "scheduler")
+    if bundle.tokenizer is not None:
+        bundle.tokenizer.save_pretrained(root / "tokenizer")
+        index["tokenizer"] = ["transformers", type(bundle.tokenizer).__name__]
+    for comp in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
+        index[comp] = ["diffusers", "OnnxRuntimeModel"]
+    atomic_write_json(root / "model_index.json", index)
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__
+
+
+@register_exporter
+class OnnxExporter:
+    """Target "onnx": one `<component>/model.onnx` per component under `onnx/`."""
+
+    target = "onnx"
+
+    def export(self, bundle: Bundle, component: str, options: ExportOptions, out: Path) -> Artifact:
+        start = time.perf_counter()
+        spec = wrap(bundle, component)
+        resolutions = list(options.resolutions) or [bundle.resolution]
+        for r in resolutions:
+            check_resolution(bundle, r)
+        feeds = example_inputs(bundle, component, options.batch_sizes[0], resolutions[0])
+        form = choose_form("onnx")
+        root = out / "onnx"
+        _write_pipeline_files(bundle, root)
+        final = root / component / "model.onnx"
+        scratch = Path(tempfile.mkdtemp(prefix="onnx-", dir=out))
+        try:
+            with attention_form(spec.module, form) as used:
+                trace_to_onnx(spec.module, feeds, spec.input_names, spec.output_names, spec.dynamic_axes,
+                              scratch / "model.onnx")
+            model = onnx.load(str(scratch / "model.onnx"))
+            details: dict[str, Any] = {"opset": OPSET, "attention_form": form}
+            if options.precision == "fp16":
+                model, details["fp32_islands"], details["fp16_trial"] = self._fp16(
+                    model, spec, feeds, scratch, component)
+            external = save_model(model, final)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        onnx.checker.check_model(str(final))
+        atomic_write_json(final.parent / "config.json", component_config(bundle, component))
+        inputs, outputs = io_description(model)
+        shapes = [{n: list(t.shape) for n, t in example_inputs(bundle, component, b, r).items()}
+                  for b in options.batch_sizes for r in resolutions]
+        fused = count_onnx_fused(final)
+        details.update({
+            "fused_attention": fused, "fused_attention_intended": intended_fused_count(used, form),
+            "external_data": external, "bytes": sum(p.stat().st_size for p in final.parent.iterdir()),
+            "resolution_multiple": resolution_multiple(bundle), "vae_scale_factor": bundle.vae_scale_factor,
+            "export_seconds": round(time.perf_counter() - start, 2)})
+        return Artifact(target=self.target, component=component, path=str(final.relative_to(out)),
+                        precision=options.precision, inputs=inputs, outputs=outputs, shapes=shapes, details=details)
+
+    def _fp16(self, model: onnx.ModelProto, spec: Any, feeds: dict[str, torch.Tensor], scratch: Path,
+              component: str) -> tuple[onnx.ModelProto, str, dict[str, Any]]:
+        """The fp16 graph with the smallest fp32 island whose trial output is clean."""
+        with torch.no_grad():
+            reference = spec.module(**feeds).numpy()
+        np_feeds = {k: v.numpy() for k, v in feeds.items()}
+        problems = {}
+        for rung in ISLAND_LADDER:
+            candidate = to_fp16(model, rung)
+            trial = scratch / f"trial-{rung.replace('+', '_')}" / "model.onnx"
+            save_model(candidate, trial)
+            out = run_onnx(trial, np_feeds)[0]
+            trouble = fp16_trouble(reference, out)
+            if trouble is None:
+                rel = float(np.linalg.norm(reference - out.astype(np.float64)) / max(np.linalg.norm(reference), 1e-30))
+                return candidate, rung, {"rel_l2": rel, "rejected": problems}
+            problems[rung] = trouble
+        raise GateError(f"fp16 {component}: every fp32-island choice gave a bad trial output ({problems}); "
+                        "not shipping it: export with --precision fp32")
