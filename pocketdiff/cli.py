@@ -38,6 +38,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser with every registered subcommand."""
     from . import commands  # noqa: F401  (registers the subcommands)
+    from .export import commands as _export_commands  # noqa: F401  (export, validate)
 
     parser = _Parser(prog="pocketdiff", description="Make Stable-Diffusion-family models small, fast and "
                      "validated on phones.")

@@ -1,0 +1,221 @@
+"""Validation harness: exported artifacts against the PyTorch reference, per component and end to end.
+
+Per component: every shape the artifact was exported for, seeded inputs through the PyTorch wrapper
+and through the artifact's runtime; max abs error, relative L2, cosine. End to end: the sampling
+loop of `pocketdiff.sampler` run through the exported components (`ArtifactComponents`) for fixed
+prompts and seeds, final images against the reference by PSNR. Gates: 60 dB (fp32), 35 dB (fp16).
+A target whose runtime cannot execute here (Core ML on Linux) is reported "static check only".
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..bundle import Bundle
+from ..errors import ConfigError, GateError, InputPathError
+from ..export.base import Artifact, ArtifactSet, load_builtins
+from ..export.components import example_inputs, uses_attention_mask, wrap
+from ..metrics.agreement import parity, psnr
+from ..sampler import SampleConfig, TorchComponents, generate
+from .base import Session, open_session
+
+GATES_DB = {"fp32": 60.0, "fp16": 35.0}
+LAYER_TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}
+PASSED, FAILED, STATIC = "passed", "failed", "static check only"
+
+
+@dataclass
+class ValidateConfig:
+    """The fixed prompts, seed and sampler settings every validation uses."""
+
+    prompts: tuple[str, ...] = ("a photo of a sneaker", "a dress, product shot")
+    seed: int = 0
+    steps: int = 8
+    scheduler: str = "ddim"
+    guidance_scale: float = 4.0
+    resolution: int | None = None
+
+
+class ArtifactComponents:
+    """`Components` computed by exported artifacts; components not exported fall back to PyTorch."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, bundle: Bundle, sessions: dict[str, Session]):
+        self.bundle, self.sessions = bundle, sessions
+        self.torch = TorchComponents(bundle)
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        if "text_encoder" not in self.sessions:
+            return self.torch.encode(prompts)
+        tok = self.bundle.tokenizer(prompts, padding="max_length", max_length=self.bundle.tokenizer.model_max_length,
+                                    truncation=True, return_tensors="np")
+        feeds = {"input_ids": tok["input_ids"].astype(np.int64)}
+        if uses_attention_mask(self.bundle.text_encoder):
+            feeds["attention_mask"] = tok["attention_mask"].astype(np.int64)
+        return _tensor(self.sessions["text_encoder"].run(feeds)["last_hidden_state"])
+
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if "unet" not in self.sessions:
+            return self.torch.predict(latents, t, context)
+        feeds = {"sample": latents.numpy(), "timestep": t.float().numpy().reshape(-1),
+                 "encoder_hidden_states": context.numpy()}
+        return _tensor(self.sessions["unet"].run(feeds)["out_sample"])
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if "vae_decoder" not in self.sessions:
+            return self.torch.decode(latents)
+        z = (latents / self.bundle.vae.config.scaling_factor).numpy()
+        return _tensor(self.sessions["vae_decoder"].run({"latent_sample": z})["sample"])
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(a, dtype=np.float32))
+
+
+@dataclass
+class TargetReport:
+    """Validation of one target's artifacts."""
+
+    target: str
+    precision: str
+    status: str
+    gate_db: float
+    psnr_db: float | None = None
+    components: dict[str, Any] = field(default_factory=dict)
+    failed_components: list[str] = field(default_factory=list)
+    first_diverging_layer: dict[str, Any] | None = None
+    note: str = ""
+
+
+def check_files(folder: Path, aset: ArtifactSet) -> None:
+    """InputPathError naming the first artifact whose file is missing."""
+    for a in aset.artifacts:
+        if not (folder / a.path).exists():
+            raise InputPathError(f"{folder}: the {a.target} {a.component} artifact ({a.path}) is missing; "
+                                 "re-export the folder with `pocketdiff export`")
+
+
+@torch.no_grad()
+def component_parity(bundle: Bundle, artifact: Artifact, session: Session) -> list[dict[str, Any]]:
+    """Parity of one artifact against its PyTorch wrapper at every exported shape."""
+    spec = wrap(bundle, artifact.component)
+    rows = []
+    for shape in artifact.shapes or [{}]:
+        first = next(iter(shape.values()), [1])
+        batch = first[0]
+        res = _resolution_of(bundle, artifact.component, shape)
+        feeds = example_inputs(bundle, artifact.component, batch, res, seed=1)
+        ref = spec.module(**feeds).float()
+        out = session.run({k: v.numpy() for k, v in feeds.items()})[spec.output_names[0]]
+        got = _tensor(out)
+        span = float(ref.max() - ref.min()) or 1.0
+        rows.append({"shape": {k: list(v.shape) for k, v in feeds.items()}, **parity(ref, got),
+                     "psnr_db": psnr(ref, got, data_range=span)})
+    return rows
+
+
+def _resolution_of(bundle: Bundle, component: str, shape: dict[str, list[int]]) -> int | None:
+    if component in ("unet", "vae_decoder"):
+        key = "sample" if component == "unet" else "latent_sample"
+        return shape[key][2] * bundle.vae_scale_factor if key in shape else None
+    if component == "vae_encoder" and "sample" in shape:
+        return shape["sample"][2]
+    return None
+
+
+def validate(folder: Path, bundle: Bundle | None = None, targets: list[str] | None = None,
+             config: ValidateConfig | None = None, progress: bool = False) -> dict[str, Any]:
+    """Validate every target in an artifact folder; returns the report (see `raise_on_failure`)."""
+    from ..sources import load_model
+
+    folder, config = Path(folder), config or ValidateConfig()
+    aset = ArtifactSet.load(folder)
+    check_files(folder, aset)
+    load_builtins()
+    bundle = bundle or load_model(aset.model)
+    have = sorted({a.target for a in aset.artifacts})
+    targets = targets or have
+    unknown = [t for t in targets if t not in have]
+    if unknown:
+        raise ConfigError(f"{folder} has no {unknown[0]} artifacts (has: {', '.join(have)})")
+    sample_cfg = SampleConfig(steps=config.steps, scheduler=config.scheduler, guidance_scale=config.guidance_scale,
+                              seed=config.seed, height=config.resolution, width=config.resolution, batch_size=1)
+    reference = generate(bundle, list(config.prompts), sample_cfg, TorchComponents(bundle), progress=progress)
+    reports = [_validate_target(folder, aset, bundle, t, sample_cfg, reference, config, progress) for t in targets]
+    return {"folder": str(folder), "model": aset.model, "prompts": list(config.prompts), "seed": config.seed,
+            "steps": config.steps, "scheduler": config.scheduler, "guidance_scale": config.guidance_scale,
+            "targets": [asdict(r) for r in reports],
+            "passed": all(r.status == PASSED for r in reports),
+            "failed": [r.target for r in reports if r.status == FAILED]}
+
+
+def _validate_target(folder: Path, aset: ArtifactSet, bundle: Bundle, target: str, sample_cfg: SampleConfig,
+                     reference: torch.Tensor, config: ValidateConfig, progress: bool) -> TargetReport:
+    arts = {a.component: a for a in aset.artifacts if a.target == target}
+    precision = "fp16" if any(a.precision == "fp16" for a in arts.values()) else "fp32"
+    report = TargetReport(target=target, precision=precision, status=PASSED, gate_db=GATES_DB[precision])
+    sessions = {c: open_session(a, folder) for c, a in arts.items()}
+    static = [c for c, s in sessions.items() if s.static_only]
+    for comp, art in arts.items():
+        if comp in static:
+            report.components[comp] = {"status": STATIC, "checks": getattr(sessions[comp], "checks", {})}
+        else:
+            report.components[comp] = {"parity": component_parity(bundle, art, sessions[comp])}
+    if static:
+        report.status = STATIC
+        report.note = f"{', '.join(static)} cannot run on this host; loaded and checked statically only"
+        return report
+    runnable = {c: s for c, s in sessions.items() if c != "vae_encoder"}
+    images = generate(bundle, list(config.prompts), sample_cfg, ArtifactComponents(bundle, runnable), progress=progress)
+    report.psnr_db = psnr(reference, images)
+    encoder_ok = "vae_encoder" not in arts or min(
+        r["psnr_db"] for r in report.components["vae_encoder"]["parity"]) >= report.gate_db
+    if report.psnr_db >= report.gate_db and encoder_ok:
+        return report
+    report.status = FAILED
+    if not encoder_ok:
+        report.failed_components.append("vae_encoder")
+    for comp, sess in (runnable.items() if report.psnr_db < report.gate_db else ()):
+        alone = generate(bundle, list(config.prompts), sample_cfg, ArtifactComponents(bundle, {comp: sess}),
+                         progress=False)
+        report.components[comp]["psnr_alone_db"] = value = psnr(reference, alone)
+        if value < report.gate_db:
+            report.failed_components.append(comp)
+    if not report.failed_components:
+        worst = max(runnable, key=lambda c: max(r["rel_l2"] for r in report.components[c]["parity"]))
+        report.failed_components.append(worst)
+    if target == "onnx":
+        from .onnx import first_diverging_layer
+
+        comp = report.failed_components[0]
+        spec = wrap(bundle, comp)
+        feeds = example_inputs(bundle, comp, 1, config.resolution, seed=1)
+        report.first_diverging_layer = first_diverging_layer(arts[comp], folder, spec.module, feeds,
+                                                             LAYER_TOLERANCE[precision])
+    return report
+
+
+def failure_message(report: dict[str, Any]) -> str:
+    """One line per failed target: component, PSNR against the gate, first diverging layer."""
+    lines = []
+    for t in report["targets"]:
+        if t["status"] != FAILED:
+            continue
+        layer = t.get("first_diverging_layer")
+        where = f"; first diverging layer {layer['layer']} ({layer['op']}, rel L2 {layer['rel_l2']:.3g})" if layer else ""
+        psnr_text = f"{t['psnr_db']:.2f}" if t["psnr_db"] is not None else "n/a"
+        lines.append(f"{t['target']} {t['precision']}: end-to-end PSNR {psnr_text} dB (gate {t['gate_db']} dB); "
+                     f"failing component(s): {', '.join(t['failed_components'])}{where}")
+    return " | ".join(lines)
+
+
+def raise_on_failure(report: dict[str, Any]) -> None:
+    """GateError when any target failed its gate."""
+    if report["failed"]:
+        raise GateError(failure_message(report))
