@@ -1,0 +1,278 @@
+"""ExecuTorch exporter: one `.pte` per component, XNNPACK-delegated, one method per exported shape.
+
+pocketdiff's lowering differs from a plain XNNPACK lowering in three ways, each so that more of the
+graph runs inside XNNPACK (every op left outside is a portable-kernel call and a delegate boundary):
+  * GroupNorm / LayerNorm are rewritten as reshape + mean + rsqrt (XNNPACK has no norm ops, so a
+    plain lowering cuts the U-Net into dozens of delegate islands);
+  * attention uses the explicit batched-matmul + softmax form from `export/attention.py` (torch SDPA
+    decomposes with NaN-guard ops XNNPACK does not take);
+  * every (batch, resolution) is its own method with static shapes, because XNNPACK rejects
+    symbolic reshapes; the methods share one copy of the weights (XNNPACK's named data store
+    deduplicates identical tensors), so several shapes cost little extra file size.
+`plain_xnnpack_lowering` is the baseline for the latency comparison in bench/export_scale.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..bundle import Bundle
+from ..errors import ConfigError, UnsupportedOpError, UserError
+from ..fileio import atomic_write_bytes
+from .attention import attention_form, attention_modules
+from .base import Artifact, ExportOptions, register_exporter
+from .components import check_resolution, example_inputs, resolution_multiple, wrap
+
+ATTENTION_FORM = "softmax"
+PTE_DIR = "executorch"
+_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64", torch.int32: "int32"}
+_DELEGATE = "executorch_call_delegate"
+
+
+class XnnpackGroupNorm(nn.Module):
+    """GroupNorm as reshape + mean over the two innermost dims + rsqrt: ops XNNPACK delegates."""
+
+    def __init__(self, norm: nn.GroupNorm):
+        super().__init__()
+        self.groups, self.eps, self.weight, self.bias = norm.num_groups, norm.eps, norm.weight, norm.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, c = x.shape, x.shape[1]
+        y = x.reshape(shape[0], self.groups, c // self.groups, -1)
+        centred = y - y.mean(dim=(2, 3), keepdim=True)
+        var = (centred * centred).mean(dim=(2, 3), keepdim=True)
+        y = (centred * torch.rsqrt(var + self.eps)).reshape(shape)
+        if self.weight is None:
+            return y
+        affine = (1, c) + (1,) * (x.dim() - 2)
+        return y * self.weight.reshape(affine) + self.bias.reshape(affine)
+
+
+class XnnpackLayerNorm(nn.Module):
+    """LayerNorm over the last dim as a 4D mean over the two innermost dims: ops XNNPACK delegates."""
+
+    def __init__(self, norm: nn.LayerNorm):
+        super().__init__()
+        if len(norm.normalized_shape) != 1:
+            raise ConfigError(f"LayerNorm over {tuple(norm.normalized_shape)} has no XNNPACK form here")
+        self.eps, self.weight, self.bias = norm.eps, norm.weight, norm.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = x.reshape(1, -1, 1, shape[-1])
+        centred = y - y.mean(dim=(2, 3), keepdim=True)
+        var = (centred * centred).mean(dim=(2, 3), keepdim=True)
+        y = (centred * torch.rsqrt(var + self.eps)).reshape(shape)
+        if self.weight is not None:
+            y = y * self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+
+def rewrite_norms(module: nn.Module) -> tuple[nn.Module, int]:
+    """A copy of `module` with every GroupNorm / LayerNorm in its XNNPACK form, and how many were rewritten."""
+    module = copy.deepcopy(module)
+    count = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.GroupNorm):
+                setattr(parent, name, XnnpackGroupNorm(child))
+                count += 1
+            elif isinstance(child, nn.LayerNorm) and len(child.normalized_shape) == 1:
+                setattr(parent, name, XnnpackLayerNorm(child))
+                count += 1
+    return module, count
+
+
+def method_name(feeds: dict[str, torch.Tensor]) -> str:
+    """"b{batch}" plus "_{h}x{w}" of the first image-shaped input: the .pte method for these shapes."""
+    first = next(iter(feeds.values()))
+    name = f"b{first.shape[0]}"
+    return name + (f"_{first.shape[2]}x{first.shape[3]}" if first.dim() == 4 else "")
+
+
+def _module_path(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack.values()))[0] if stack else "<top level>"
+
+
+def _op_name(target: Any) -> str:
+    name = getattr(target, "_name", None) or getattr(target, "__name__", None) or str(target)
+    return name.replace("aten::", "aten.").replace("dim_order_ops::", "dim_order_ops.")
+
+
+def _find_op(programs: dict[str, Any], text: str) -> tuple[str, str] | None:
+    """The first (op, module path) of the exported graphs whose op name appears in `text`."""
+    for ep in programs.values():
+        for node in ep.graph.nodes:
+            if node.op == "call_function":
+                op = _op_name(node.target)
+                short = op.split(".")[1] if op.count(".") >= 1 else op
+                if op in text or f"aten::{short}" in text or f"aten.{short}" in text:
+                    return op, _module_path(node)
+    return None
+
+
+def _missing_kernels(edge_programs: dict[str, Any]) -> list[tuple[str, str]]:
+    """(op, module path) for every out-variant op left outside the delegates that the runtime has no kernel for."""
+    from executorch.runtime import Runtime
+
+    known = set(Runtime.get().operator_registry.operator_names)
+    missing = []
+    for ep in edge_programs.values():
+        for node in ep.graph.nodes:
+            if node.op != "call_function" or not hasattr(node.target, "_schema"):
+                continue
+            name = node.target._schema.name + ("." + node.target._schema.overload_name
+                                              if node.target._schema.overload_name else "")
+            if name.startswith(("aten::", "dim_order_ops::")) and name not in known:
+                missing.append((name, _module_path(node)))
+    return missing
+
+
+def export_programs(module: nn.Module, inputs: dict[str, dict[str, torch.Tensor]],
+                    component: str) -> dict[str, Any]:
+    """torch.export of `module` once per method (static shapes); UnsupportedOpError names op and module."""
+    programs = {}
+    with torch.no_grad():
+        for method, feeds in inputs.items():
+            try:
+                programs[method] = torch.export.export(module, (), kwargs=feeds, strict=False)
+            except Exception as e:
+                raise _unsupported(component, module, feeds, e) from e
+    return programs
+
+
+def _unsupported(component: str, module: nn.Module, feeds: dict[str, torch.Tensor], e: Exception) -> UserError:
+    from .components import locate_op
+
+    text = f"{type(e).__name__}: {e}"
+    for token in text.replace("'", " ").replace('"', " ").split():
+        if token.startswith(("aten.", "aten::")):
+            op = token.rstrip(",.:)")
+            path = locate_op(module, feeds, op) or "<unknown module>"
+            return UnsupportedOpError(f"ExecuTorch cannot express op {op} in {component} module {path}: "
+                                      f"{text.splitlines()[0][:200]}")
+    return UnsupportedOpError(f"ExecuTorch export of {component} failed: {text.splitlines()[0][:300]}")
+
+
+def lower(programs: dict[str, Any], component: str, partitioners: list[Any]) -> tuple[bytes, dict[str, Any]]:
+    """Lower exported programs (one per method) to one .pte; returns its bytes and per-method op counts."""
+    from executorch.exir import to_edge_transform_and_lower
+
+    try:
+        edge = to_edge_transform_and_lower(programs, partitioner=partitioners)
+    except Exception as e:
+        hit = _find_op(programs, str(e))
+        where = f"op {hit[0]} in {component} module {hit[1]}" if hit else component
+        raise UnsupportedOpError(f"ExecuTorch cannot lower {where}: {str(e).splitlines()[0][:300]}") from e
+    edge_programs = {m: edge.exported_program(m) for m in programs}
+    program = edge.to_executorch()
+    missing = _missing_kernels({m: program.exported_program(m) for m in programs})
+    if missing:
+        op, path = missing[0]
+        raise UnsupportedOpError(f"ExecuTorch has no kernel for op {op} (from {component} module {path}) and "
+                                 "no delegate took it; replace that layer or leave executorch out of --targets")
+    counts = {}
+    for m, ep in edge_programs.items():
+        ops = Counter(_op_name(n.target) for n in ep.graph.nodes if n.op == "call_function")
+        counts[m] = {"delegates": ops.pop(_DELEGATE, 0),
+                     "outside_delegates": {k: v for k, v in sorted(ops.items()) if k not in ("getitem", "alloc")}}
+    return program.buffer, counts
+
+
+def xnnpack_partitioners(precision: str) -> list[Any]:
+    """The XNNPACK partitioner for fp32 or fp16 graphs."""
+    from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    kind = ConfigPrecisionType.FP16 if precision == "fp16" else ConfigPrecisionType.FP32
+    return [XnnpackPartitioner(config_precisions=kind)]
+
+
+def prepare(module: nn.Module) -> tuple[nn.Module, int]:
+    """pocketdiff's rewrites for XNNPACK: norms in delegable form; returns the copy and the rewrite count."""
+    return rewrite_norms(module)
+
+
+def pocketdiff_lowering(module: nn.Module, inputs: dict[str, dict[str, torch.Tensor]], component: str = "module",
+                        precision: str = "fp32") -> tuple[bytes, dict[str, Any]]:
+    """pocketdiff's XNNPACK lowering of `module` for the given per-method inputs."""
+    prepared, rewritten = prepare(module)
+    with attention_form(prepared, ATTENTION_FORM):
+        programs = export_programs(prepared, inputs, component)
+    data, counts = lower(programs, component, xnnpack_partitioners(precision))
+    return data, {"norms_rewritten": rewritten, "attention_form": ATTENTION_FORM, "ops": counts}
+
+
+def plain_xnnpack_lowering(module: nn.Module, feeds: dict[str, torch.Tensor]) -> bytes:
+    """Baseline: torch.export then ExecuTorch's stock XNNPACK partitioner, nothing else (for latency comparisons)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    with torch.no_grad():
+        ep = torch.export.export(module, (), kwargs=feeds, strict=False)
+    return to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
+
+
+def describe(feeds: dict[str, torch.Tensor], varying: dict[str, dict[int, str]]) -> dict[str, dict[str, Any]]:
+    """Name -> {shape with dim names where methods differ, dtype}."""
+    return {n: {"shape": [varying.get(n, {}).get(i, d) for i, d in enumerate(t.shape)], "dtype": _DTYPES[t.dtype]}
+            for n, t in feeds.items()}
+
+
+@register_exporter
+class ExecutorchExporter:
+    """Target "executorch": `executorch/<component>.pte`, XNNPACK-delegated, one method per shape."""
+
+    target = "executorch"
+
+    def export(self, bundle: Bundle, component: str, options: ExportOptions, out: Path) -> Artifact:
+        start = time.perf_counter()
+        spec = wrap(bundle, component)
+        resolutions = list(options.resolutions) or [bundle.resolution]
+        for r in resolutions:
+            check_resolution(bundle, r)
+        dtype = torch.float16 if options.precision == "fp16" else torch.float32
+        module = spec.module if dtype == torch.float32 else copy.deepcopy(spec.module).to(dtype)
+        per_method: dict[str, dict[str, torch.Tensor]] = {}
+        for b in options.batch_sizes:
+            for r in (resolutions if component != "text_encoder" else resolutions[:1]):
+                feeds = example_inputs(bundle, component, b, r, dtype=dtype)
+                per_method.setdefault(method_name(feeds), feeds)
+        data, details = pocketdiff_lowering(module, per_method, component, options.precision)
+        final = out / PTE_DIR / f"{component}.pte"
+        atomic_write_bytes(final, data)
+        with torch.no_grad():
+            first = next(iter(per_method.values()))
+            sample_out = module(**first)
+        outputs = {spec.output_names[0]: {"shape": list(sample_out.shape), "dtype": _DTYPES[sample_out.dtype]}}
+        shapes = [{n: list(t.shape) for n, t in feeds.items()} for feeds in per_method.values()]
+        details.update({
+            "methods": {m: {n: list(t.shape) for n, t in f.items()} for m, f in per_method.items()},
+            "input_order": list(first), "output_order": spec.output_names,
+            "attention_modules": len(attention_modules(module)),
+            "delegate": "XnnpackBackend", "bytes": final.stat().st_size,
+            "resolution_multiple": resolution_multiple(bundle), "vae_scale_factor": bundle.vae_scale_factor,
+            "export_seconds": round(time.perf_counter() - start, 2)})
+        return Artifact(target=self.target, component=component, path=str(final.relative_to(out)),
+                        precision=options.precision, inputs=describe(first, _varying(spec.dynamic_axes, shapes)),
+                        outputs=outputs, shapes=shapes, details=details)
+
+
+def _varying(axes: dict[str, dict[int, str]], shapes: list[dict[str, list[int]]]) -> dict[str, dict[int, str]]:
+    """The dynamic axes whose size actually differs between the exported methods."""
+    out: dict[str, dict[int, str]] = {}
+    for name, dims in axes.items():
+        for axis, label in dims.items():
+            if name in shapes[0] and len({tuple(s[name])[axis] for s in shapes}) > 1:
+                out.setdefault(name, {})[axis] = label
+    return out
