@@ -109,6 +109,12 @@ def _op_name(target: Any) -> str:
     return name.replace("aten::", "aten.").replace("dim_order_ops::", "dim_order_ops.")
 
 
+def _first_line(e: Exception) -> str:
+    """The first non-empty line of an exception's message, shortened: the part worth showing a user."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
 def _find_op(programs: dict[str, Any], text: str) -> tuple[str, str] | None:
     """The first (op, module path) of the exported graphs whose op name appears in `text`."""
     for ep in programs.values():
@@ -160,8 +166,8 @@ def _unsupported(component: str, module: nn.Module, feeds: dict[str, torch.Tenso
             op = token.rstrip(",.:)")
             path = locate_op(module, feeds, op) or "<unknown module>"
             return UnsupportedOpError(f"ExecuTorch cannot express op {op} in {component} module {path}: "
-                                      f"{text.splitlines()[0][:200]}")
-    return UnsupportedOpError(f"ExecuTorch export of {component} failed: {text.splitlines()[0][:300]}")
+                                      f"{_first_line(e)}")
+    return UnsupportedOpError(f"ExecuTorch export of {component} failed: {_first_line(e)}")
 
 
 def lower(programs: dict[str, Any], component: str, partitioners: list[Any]) -> tuple[bytes, dict[str, Any]]:
@@ -173,7 +179,7 @@ def lower(programs: dict[str, Any], component: str, partitioners: list[Any]) -> 
     except Exception as e:
         hit = _find_op(programs, str(e))
         where = f"op {hit[0]} in {component} module {hit[1]}" if hit else component
-        raise UnsupportedOpError(f"ExecuTorch cannot lower {where}: {str(e).splitlines()[0][:300]}") from e
+        raise UnsupportedOpError(f"ExecuTorch cannot lower {where}: {_first_line(e)}") from e
     edge_programs = {m: edge.exported_program(m) for m in programs}
     program = edge.to_executorch()
     missing = _missing_kernels({m: program.exported_program(m) for m in programs})
