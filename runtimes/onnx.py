@@ -131,7 +131,9 @@ def first_diverging_layer(artifact: Artifact, folder: Path, module: torch.nn.Mod
         name = last_node[scope].output[0]
         if name not in have:
             model.graph.output.append(onnx.ValueInfoProto(name=name))
-    captured: dict[str, torch.Tensor] = {}
+    position = {id(n): i for i, n in enumerate(model.graph.node)}
+    order.sort(key=lambda s: position[id(last_node[s])])
+    captured: dict[str, list[torch.Tensor]] = {}
     hooks = [leaves[s].register_forward_hook(lambda m, a, o, s=s: _keep(captured, s, o)) for s in order]
     try:
         module(**feeds)
@@ -149,9 +151,10 @@ def first_diverging_layer(artifact: Artifact, folder: Path, module: torch.nn.Mod
         names = [o.name for o in sess.get_outputs()]
         values = dict(zip(names, sess.run(None, np_feeds)))
     for scope in order:
-        ref, got = captured.get(scope), values.get(last_node[scope].output[0])
-        if ref is None or got is None or tuple(ref.shape) != tuple(got.shape):
-            continue
+        calls, got = captured.get(scope, []), values.get(last_node[scope].output[0])
+        if len(calls) != 1 or got is None or tuple(calls[0].shape) != tuple(got.shape):
+            continue  # modules called more than once (a shared SiLU) cannot be matched to one node
+        ref = calls[0]
         r, g = ref.double().flatten(), torch.from_numpy(got.astype(np.float64)).flatten()
         rel = float((r - g).norm() / r.norm().clamp_min(1e-30))
         if not np.isfinite(rel) or rel > tolerance:
@@ -160,7 +163,7 @@ def first_diverging_layer(artifact: Artifact, folder: Path, module: torch.nn.Mod
     return None
 
 
-def _keep(store: dict[str, torch.Tensor], scope: str, output: Any) -> None:
-    """Forward hook body: keep a leaf module's tensor output (returns None so the output is unchanged)."""
+def _keep(store: dict[str, list[torch.Tensor]], scope: str, output: Any) -> None:
+    """Forward hook body: keep each tensor output of a leaf module (returns None so the output is unchanged)."""
     if isinstance(output, torch.Tensor):
-        store[scope] = output.detach().float()
+        store.setdefault(scope, []).append(output.detach().float())

@@ -1,0 +1,168 @@
+"""ONNX export: layout, dynamic shapes, fused-attention counts, fp16 islands, bad input, atomic writes."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from pocketdiff.errors import ConfigError, GateError, ShapeError, UnsupportedOpError, UserError
+from pocketdiff.export.attention import FORMS, attention_form, attention_modules, count_onnx_fused
+from pocketdiff.export.base import ArtifactSet, ExportOptions, export_bundle
+from pocketdiff.export.components import example_inputs, locate_op, wrap
+from pocketdiff.export.onnx import OnnxExporter, fp16_trouble
+from pocketdiff.runtimes.base import open_session
+from pocketdiff.zoo import build_arch
+
+ALL = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_arch("tiny", seed=3)
+
+
+@pytest.fixture(scope="module")
+def fp32_dir(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("x") / "art"
+    export_bundle(tiny, "arch:tiny", ["onnx"], ExportOptions(components=ALL, resolutions=(16, 24)), out)
+    return out
+
+
+def test_layout_and_manifest(fp32_dir):
+    for comp in ALL:
+        assert (fp32_dir / "onnx" / comp / "model.onnx").is_file()
+        assert json.loads((fp32_dir / "onnx" / comp / "config.json").read_text())
+    assert (fp32_dir / "onnx" / "tokenizer").is_dir() and (fp32_dir / "onnx" / "scheduler").is_dir()
+    index = json.loads((fp32_dir / "onnx" / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "OnnxRuntimeModel"]
+    aset = ArtifactSet.load(fp32_dir)
+    unet = aset.find("onnx", "unet")
+    assert unet.inputs["sample"]["shape"] == ["batch", 4, "height", "width"]
+    assert unet.inputs["timestep"]["dtype"] == "float32"
+    assert len(unet.shapes) == 4  # batch 1, 2 x resolution 16, 24
+    assert aset.sampler["scaling_factor"] == pytest.approx(0.18215)
+    assert not list(fp32_dir.parent.glob(".art.tmp-*"))
+
+
+def test_fused_attention_count_is_intended(tiny, fp32_dir):
+    aset = ArtifactSet.load(fp32_dir)
+    n_unet = len(attention_modules(tiny.unet))
+    assert n_unet == 8
+    assert count_onnx_fused(fp32_dir / aset.find("onnx", "unet").path) == n_unet
+    assert count_onnx_fused(fp32_dir / aset.find("onnx", "vae_decoder").path) == 1  # decoder mid-block only
+    for a in aset.artifacts:
+        assert a.details["fused_attention"] == a.details["fused_attention_intended"]
+    model = onnx.load(str(fp32_dir / aset.find("onnx", "unet").path))
+    assert not [n for n in model.graph.node if n.op_type == "Softmax"]  # no unfused attention left
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_attention_forms_match_default(tiny, form):
+    spec = wrap(tiny, "unet")
+    feeds = example_inputs(tiny, "unet", 2)
+    with torch.no_grad():
+        ref = spec.module(**feeds)
+        with attention_form(spec.module, form) as used:
+            out = spec.module(**feeds)
+    assert len(used) == 8
+    assert torch.allclose(ref, out, atol=1e-5)
+    assert type(tiny.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.processor).__name__ != "FormProcessor"
+
+
+def test_dynamic_batch_and_resolution(tiny, fp32_dir):
+    aset = ArtifactSet.load(fp32_dir)
+    sess = open_session(aset.find("onnx", "unet"), fp32_dir)
+    spec = wrap(tiny, "unet")
+    for batch, res in [(1, 16), (2, 24), (3, 32)]:
+        feeds = example_inputs(tiny, "unet", batch, res)
+        out = sess.run({k: v.numpy() for k, v in feeds.items()})["out_sample"]
+        with torch.no_grad():
+            ref = spec.module(**feeds).numpy()
+        assert out.shape == ref.shape and np.abs(out - ref).max() < 1e-4
+    bad = example_inputs(tiny, "unet", 1, 16)
+    with pytest.raises(ShapeError, match="multiple"):
+        sess.run({**{k: v.numpy() for k, v in bad.items()}, "sample": np.zeros((1, 4, 7, 8), np.float32)})
+    with pytest.raises(ShapeError, match="exported for"):
+        sess.run({**{k: v.numpy() for k, v in bad.items()}, "sample": np.zeros((1, 3, 8, 8), np.float32)})
+    with pytest.raises(ShapeError, match="missing"):
+        sess.run({"sample": bad["sample"].numpy()})
+
+
+def test_fp16_export(tiny, tmp_path):
+    aset = export_bundle(tiny, "arch:tiny", ["onnx"], ExportOptions(components=("unet", "vae_decoder"),
+                                                                    precision="fp16"), tmp_path / "h")
+    unet = aset.find("onnx", "unet")
+    assert unet.inputs["sample"]["dtype"] == "float16" and unet.inputs["timestep"]["dtype"] == "float32"
+    assert unet.details["fp32_islands"] == "timestep" and unet.details["fp16_trial"]["rel_l2"] < 0.01
+    assert unet.details["fused_attention"] == 8
+    model = onnx.load(str(tmp_path / "h" / unet.path))
+    sin = [n for n in model.graph.node if n.op_type == "Sin"]
+    assert sin and all("time_proj" in n.name for n in sin)
+    weights = {t.data_type for t in model.graph.initializer if len(t.dims) == 4}
+    assert weights == {onnx.TensorProto.FLOAT16}
+
+
+def test_fp16_overflow_gets_a_larger_fp32_island(tmp_path):
+    bundle = build_arch("tiny", seed=3)
+    with torch.no_grad():
+        bundle.vae.decoder.conv_in.weight.mul_(1e6)  # weights and activations far past fp16's 65504
+    aset = export_bundle(bundle, "arch:tiny", ["onnx"], ExportOptions(components=("vae_decoder",),
+                                                                      precision="fp16"), tmp_path / "o")
+    art = aset.find("onnx", "vae_decoder")
+    assert art.details["fp32_islands"] == "all"
+    assert set(art.details["fp16_trial"]["rejected"]) == {"timestep", "timestep+norm+attention"}
+    assert art.details["fp16_trial"]["rel_l2"] < 1e-3
+
+
+def test_fp16_trouble_detects_nan_black_and_drift():
+    ref = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    assert "NaN" in fp16_trouble(ref, np.full_like(ref, np.nan))
+    assert "black" in fp16_trouble(ref, np.full_like(ref, -1.0))
+    assert "relative L2" in fp16_trouble(ref, ref * 1.5)
+    assert fp16_trouble(ref, ref.astype(np.float16)) is None
+
+
+class _Cummax(torch.nn.Module):
+    def forward(self, x):
+        return x.cummax(dim=1).values
+
+
+def test_unsupported_op_names_op_and_module_and_writes_nothing(tmp_path):
+    bundle = build_arch("tiny", seed=3)
+    bundle.unet.conv_act = _Cummax()
+    out = tmp_path / "never"
+    with pytest.raises(UnsupportedOpError, match=r"aten::cummax.*unet\.conv_act"):
+        export_bundle(bundle, "arch:tiny", ["onnx"], ExportOptions(components=("unet",)), out)
+    assert not out.exists() and not list(tmp_path.iterdir())
+    assert locate_op(wrap(bundle, "unet").module, example_inputs(bundle, "unet"), "aten::cummax") == "unet.conv_act"
+
+
+def test_bad_options(tiny, tmp_path):
+    with pytest.raises(UserError, match="unknown export target"):
+        export_bundle(tiny, "arch:tiny", ["tflite"], ExportOptions(), tmp_path / "a")
+    with pytest.raises(ShapeError):
+        OnnxExporter().export(tiny, "unet", ExportOptions(resolutions=(18,)), tmp_path)
+    with pytest.raises(UserError, match="component"):
+        ExportOptions(components=("unet", "safety_checker"))
+    with pytest.raises(ConfigError):
+        wrap(build_arch("sdxl", device="meta"), "text_encoder")
+    assert GateError.exit_code == 1
+
+
+def test_cli_export_and_bad_input(tmp_path):
+    run = [sys.executable, "-m", "pocketdiff"]
+    ok = subprocess.run(run + ["export", "arch:tiny", "--components", "unet", "--out", str(tmp_path / "c"), "--json"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["artifacts"][0]["details"]["fused_attention"] == 8
+    bad = subprocess.run(run + ["export", "arch:tiny", "--resolutions", "18", "--out", str(tmp_path / "d")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "multiples of" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "d").exists()
+    bad = subprocess.run(run + ["export", "arch:tiny", "--targets", "nope", "--out", str(tmp_path / "e")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown export target" in bad.stderr
