@@ -107,6 +107,53 @@ def _run(p: argparse.ArgumentParser) -> Handler:
     return run
 
 
+@command("eval", "FID, KID and prompt accuracy on the Fashion-MNIST yardstick, with the real-data floor")
+def _eval(p: argparse.ArgumentParser) -> Handler:
+    from .schedulers import scheduler_names
+
+    _model_arg(p)
+    p.add_argument("--samples", type=int, default=1000, help="generated images (reported figures use 10,000)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--scheduler", choices=scheduler_names(), default="ddim")
+    p.add_argument("--guidance-scale", type=float, default=4.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--reference-samples", type=int, default=10_000,
+                   help="real test images the FID is measured against (features cached after the first run)")
+    p.add_argument("--reference", default=None, help="a second MODEL: also report PSNR/SSIM against its images")
+    p.add_argument("--data", type=path_arg, default=None, help="folder of the Fashion-MNIST idx files")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+
+    def run(args: argparse.Namespace) -> None:
+        import torch
+
+        from .evaluate import REPORTED_SAMPLES, Yardstick, agreement, evaluate, floor
+        from .sampler import SampleConfig
+        from .sources import load_model
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        bundle = load_model(args.model, config=args.model_config).to(device)
+        cfg = SampleConfig(steps=args.steps, scheduler=args.scheduler, guidance_scale=args.guidance_scale,
+                           seed=args.seed, batch_size=args.batch_size)
+        yard = Yardstick.load(device, reference_n=args.reference_samples, data_root=args.data)
+        result = evaluate(bundle, yard, args.samples, cfg, progress=not args.json)
+        result["floor"] = floor(yard, args.samples, args.data)
+        result["quick_check"] = min(args.samples, args.reference_samples) < REPORTED_SAMPLES
+        if args.reference:
+            result["agreement"] = agreement(bundle, load_model(args.reference).to(device), args.samples, cfg,
+                                            progress=not args.json)
+        label = " (quick check: reported figures use 10,000 samples)" if result["quick_check"] else ""
+        text = [f"{args.model}: {result['samples']} samples{label}, {args.scheduler} x{args.steps}, "
+                f"guidance {args.guidance_scale}",
+                f"FID {result['fid']:.2f} (real-data floor at this count {result['floor']['fid']:.2f}), "
+                f"KID {result['kid']:.4f}, prompt accuracy {result['prompt_accuracy']:.3f}"]
+        if "agreement" in result:
+            a = result["agreement"]
+            text.append(f"vs {args.reference}: PSNR {a['psnr_db']:.2f} dB, SSIM {a['ssim']:.4f}")
+        emit(args, result, "\n".join(text))
+    return run
+
+
 @command("train", "train the built-in teacher or the prompt-accuracy classifier")
 def _train(p: argparse.ArgumentParser) -> Handler:
     from .teacher.config import TrainConfig

@@ -18,6 +18,7 @@ import torch
 from .bundle import Bundle
 from .data import class_prompts, load_fashion_mnist, to_model_images
 from .metrics.classifier import FashionClassifier, load_classifier, prompt_accuracy
+from .metrics.agreement import psnr, ssim
 from .metrics.fid import fid_from_features, inception_features, inception_path, kid, load_inception
 from .sampler import Components, SampleConfig, generate
 
@@ -75,6 +76,22 @@ class Yardstick:
         if labels is not None:
             out["prompt_accuracy"] = prompt_accuracy(self.classifier, images, labels)
         return out
+
+
+def floor(yardstick: Yardstick, n: int, data_root: Path | None = None) -> dict:
+    """FID/KID of `n` real train images against the reference: the best a model can score at that count."""
+    feats = reference_features("train", yardstick.inception, n, data_root)
+    kid_mean, _ = kid(feats, yardstick.reference, subset_size=min(1000, n))
+    return {"samples": n, "fid": fid_from_features(feats, yardstick.reference), "kid": kid_mean,
+            "what": f"real train (first {n}) vs real test"}
+
+
+def agreement(bundle: Bundle, reference: Bundle, n: int, config: SampleConfig, progress: bool = True) -> dict:
+    """PSNR and SSIM of `bundle`'s images against `reference`'s for the same prompts and seeds."""
+    prompts, _ = class_prompts(max(1, n // 10))
+    ours = generate(bundle, prompts[:n], config, progress=progress)
+    theirs = generate(reference, prompts[:n], config, progress=progress)
+    return {"samples": len(ours), "psnr_db": psnr(ours, theirs), "ssim": ssim(ours, theirs)}
 
 
 def evaluate(bundle: Bundle, yardstick: Yardstick, n: int, config: SampleConfig,

@@ -1,5 +1,10 @@
 """Metric code on inputs with known answers, and the shipped teacher and classifier."""
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import torch
 
@@ -36,3 +41,13 @@ def test_shipped_teacher_generates_on_cpu():
     bundle = load_fashion()
     img = generate(bundle, ["a photo of a sneaker"], SampleConfig(steps=4, guidance_scale=4.0), progress=False)
     assert img.shape == (1, 3, 64, 64) and torch.isfinite(img).all() and img.std() > 0.05
+
+
+def test_eval_cli_reports_fid_floor_and_labels_quick_checks(tmp_path):
+    env = {**os.environ, "POCKETDIFF_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "pocketdiff", "eval", "--samples", "4", "--steps", "2",
+                          "--reference-samples", "8", "--json"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert r["samples"] == 4 and r["reference_samples"] == 8 and r["quick_check"] is True
+    assert r["fid"] > 0 and r["floor"]["samples"] == 4 and 0 <= r["prompt_accuracy"] <= 1
