@@ -172,6 +172,8 @@ def _train(p: argparse.ArgumentParser) -> Handler:
         p.add_argument("--" + field.replace("_", "-"), type=float, default=getattr(defaults, field))
     p.add_argument("--vae-from", type=path_arg, default=None,
                    help="pipeline folder whose VAE to reuse instead of training one")
+    p.add_argument("--unet-from", type=path_arg, default=None,
+                   help="pipeline folder whose U-Net to continue training from (fresh optimizer and schedule)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds per phase before a resumable stop")
 
     def run(args: argparse.Namespace) -> None:
@@ -184,7 +186,7 @@ def _train(p: argparse.ArgumentParser) -> Handler:
                               vae_kl_weight=args.vae_kl_weight, unet_lr=args.unet_lr)
             result = train_teacher(args.out, cfg, data_root=args.data, captions_cache=args.captions_cache,
                                    device=args.device, data_limit=args.data_limit, progress=not args.json,
-                                   vae_from=args.vae_from)
+                                   vae_from=args.vae_from, unet_from=args.unet_from)
         else:
             from .metrics.classifier import train_classifier
 

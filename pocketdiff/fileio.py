@@ -62,10 +62,21 @@ def hash_tree(root: Path, exclude: tuple[str, ...] = ()) -> str:
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name not in exclude)
     for p in files:
         h.update(str(p.relative_to(root)).encode() + b"\0")
-        with p.open("rb") as f:
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
+        _update(h, p)
     return h.hexdigest()
+
+
+def hash_file(path: Path) -> str:
+    """sha256 of one file's bytes."""
+    h = hashlib.sha256()
+    _update(h, Path(path))
+    return h.hexdigest()
+
+
+def _update(h: Any, path: Path) -> None:
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
 
 
 def hash_json(obj: Any) -> str:

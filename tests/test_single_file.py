@@ -8,7 +8,7 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from ldm_format import save_ldm_checkpoint
+from pocketdiff.single_file import save_single_file
 from pocketdiff.errors import ConfigError, CorruptFileError, InputPathError
 from pocketdiff.sources import load_model
 from pocketdiff.zoo import load_fashion
@@ -22,7 +22,7 @@ def checkpoint(tmp_path_factory):
     bundle.text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
         hidden_size=384, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4)).eval()
     root = tmp_path_factory.mktemp("single")
-    save_ldm_checkpoint(bundle, root / "model.safetensors")
+    save_single_file(bundle, root / "model.safetensors")
     bundle.save(root / "config")
     return bundle, root
 

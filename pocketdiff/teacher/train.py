@@ -126,10 +126,14 @@ def vae_diagnostics(vae: diffusers.AutoencoderKL, images: torch.Tensor, mean: to
 
 def train_unet(mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor, states: torch.Tensor,
                scale: float, cfg: TrainConfig, work: Path, device: torch.device,
-               progress: bool = True) -> tuple[diffusers.UNet2DConditionModel, bool]:
-    """Epsilon prediction with min-SNR-5 weighting and caption dropout; returns the EMA U-Net."""
+               progress: bool = True, init: Path | None = None) -> tuple[diffusers.UNet2DConditionModel, bool]:
+    """Epsilon prediction with min-SNR-5 weighting and caption dropout; returns the EMA U-Net.
+    `init` (a pipeline folder) starts from its U-Net weights instead of random ones."""
     torch.manual_seed(cfg.seed + 1)
-    unet = diffusers.UNet2DConditionModel(**UNET).to(device)
+    unet = diffusers.UNet2DConditionModel(**UNET)
+    if init is not None:
+        unet.load_state_dict(diffusers.UNet2DConditionModel.from_pretrained(Path(init) / "unet").float().state_dict())
+    unet = unet.to(device)
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4)
     sched = diffusers.DDPMScheduler.from_config(SCHEDULER)
     alphas = sched.alphas_cumprod.to(device)
@@ -161,9 +165,9 @@ def train_unet(mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor, stat
 
 def train_teacher(out: Path, cfg: TrainConfig, data_root: Path | None = None, captions_cache: Path | None = None,
                   device: str | None = None, data_limit: int | None = None, progress: bool = True,
-                  vae_from: Path | None = None) -> dict:
+                  vae_from: Path | None = None, unet_from: Path | None = None) -> dict:
     """Train VAE (or take the one in pipeline folder `vae_from`) then U-Net; write the pipeline
-    (fp16, EMA weights) to `out`, also when the time limit stopped the U-Net early (the summary
+    (fp16, EMA weights) to `out` (`unet_from`: a pipeline folder whose U-Net to continue from), also when the time limit stopped the U-Net early (the summary
     says so and a rerun resumes). Returns a summary."""
     out = Path(out)
     work = out.parent / f".{out.name}.train"
@@ -197,7 +201,9 @@ def train_teacher(out: Path, cfg: TrainConfig, data_root: Path | None = None, ca
     summary.update(latent_scale=scale, **vae_diagnostics(vae, images[:1000], mean[:1000], std[:1000], scale))
 
     t1 = time.monotonic()
-    unet, done = train_unet(mean, std, labels, states, scale, cfg, work, dev, progress)
+    if unet_from is not None:
+        summary["unet_from"] = str(unet_from)
+    unet, done = train_unet(mean, std, labels, states, scale, cfg, work, dev, progress, init=unet_from)
     summary["unet_seconds"] = round(time.monotonic() - t1, 1)
     summary["unet_steps_done"] = _last_step(work / "unet.ckpt")
     summary["final_loss"] = {p: _last_loss(work / f"{p}_log.jsonl") for p in ("vae", "unet")}
