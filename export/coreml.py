@@ -1,0 +1,234 @@
+"""Core ML exporter: mlprogram `.mlpackage`s laid out for Apple's Core ML Stable Diffusion Swift package.
+
+Files (under `coreml/`): TextEncoder, Unet, VAEDecoder, VAEEncoder `.mlpackage` and the tokenizer
+files beside them. I/O names and layouts are the Swift package's: the U-Net takes
+encoder_hidden_states as [batch, D, 1, 77] and returns noise_pred; the decoder takes z and returns
+image. The Artifact keeps pocketdiff's standard names (so the harness feeds every target alike) and
+records the Core ML name and layout of each tensor in details["coreml_io"].
+
+Shapes: iOS18 programs take enumerated shapes on every input (each batch x resolution); Core ML
+before iOS18 allows enumerated shapes on one input only, so there the image input enumerates the
+resolutions and the batch is fixed at the largest requested one (details["fixed_batch"]).
+Attention: iOS18 gets Core ML's fused scaled_dot_product_attention (coremltools fuses torch SDPA
+only when no explicit scale is passed, so the query is pre-scaled instead); iOS16/17 get the
+split-einsum form chosen by `export/attention.py`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..bundle import Bundle
+from ..errors import ConfigError, UnsupportedOpError
+from .attention import FormProcessor, attention_form, attention_modules, choose_form, count_coreml_fused
+from .base import Artifact, ExportOptions, register_exporter
+from .components import check_resolution, example_inputs, locate_op, resolution_multiple, wrap
+from .executorch import rewrite_norms
+
+COREML_DIR = "coreml"
+TARGETS = ("iOS16", "iOS17", "iOS18")
+PACKAGE = {"text_encoder": "TextEncoder", "unet": "Unet", "vae_decoder": "VAEDecoder", "vae_encoder": "VAEEncoder"}
+# pocketdiff name -> (Core ML name, layout); "b77d_to_bd177" = [B, 77, D] given as [B, D, 1, 77].
+IO_NAMES = {
+    "text_encoder": {"input_ids": ("input_ids", "same"), "attention_mask": ("attention_mask", "same"),
+                     "last_hidden_state": ("last_hidden_state", "same")},
+    "unet": {"sample": ("sample", "same"), "timestep": ("timestep", "same"),
+             "encoder_hidden_states": ("encoder_hidden_states", "b77d_to_bd177"), "out_sample": ("noise_pred", "same")},
+    "vae_decoder": {"latent_sample": ("z", "same"), "sample": ("image", "same")},
+    "vae_encoder": {"sample": ("image", "same"), "latent_sample": ("latent", "same")},
+}
+
+
+def deployment_target(options: ExportOptions) -> str:
+    """The requested deployment target, normalised to "iOS16" / "iOS17" / "iOS18"."""
+    raw = str(options.extra.get("deployment_target", "iOS18"))
+    for t in TARGETS:
+        if raw.lower() == t.lower():
+            return t
+    raise ConfigError(f"unknown Core ML deployment target {raw!r}; choose {', '.join(TARGETS)}")
+
+
+def coreml_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """SDPA with the default scale (query pre-scaled): the form coremltools fuses into one iOS18 op."""
+    b, s, d = q.shape
+    dh = d // heads
+    q = q * (scale * math.sqrt(dh)) if not math.isclose(scale, 1 / math.sqrt(dh), rel_tol=1e-6) else q
+    qh, kh, vh = (x.view(x.shape[0], x.shape[1], heads, dh).transpose(1, 2) for x in (q, k, v))
+    return F.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2).reshape(b, s, d)
+
+
+@contextmanager
+def coreml_attention(module: nn.Module, target: str) -> Iterator[tuple[str, int]]:
+    """Switch attention to the form for `target`; yields (form, number of attention modules)."""
+    form = choose_form("coreml", target)
+    if form != "sdpa":
+        with attention_form(module, form) as n:
+            yield form, n
+        return
+    mods = attention_modules(module)
+    saved = [(m, m.processor) for _, m in mods]
+    try:
+        for path, m in mods:
+            proc = FormProcessor("sdpa", path)
+            proc.core = coreml_sdpa
+            m.set_processor(proc)
+        yield "sdpa", len(mods)
+    finally:
+        for m, p in saved:
+            m.set_processor(p)
+
+
+class AppleLayout(nn.Module):
+    """Takes inputs in the Swift package's layout, calls the standard wrapper with pocketdiff's."""
+
+    def __init__(self, inner: nn.Module, names: list[str], layouts: dict[str, str]):
+        super().__init__()
+        self.inner, self.names, self.layouts = inner, names, layouts
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        feeds = {}
+        for name, x in zip(self.names, args):
+            if self.layouts.get(name) == "b77d_to_bd177":
+                x = x.squeeze(2).transpose(1, 2)
+            elif x.dtype == torch.int32:
+                x = x.long()
+            feeds[name] = x
+        return self.inner(**feeds)
+
+
+def to_apple(name: str, x: torch.Tensor, layout: str) -> torch.Tensor:
+    """A tensor in pocketdiff's layout converted to the Core ML input layout."""
+    if layout == "b77d_to_bd177":
+        return x.transpose(1, 2).unsqueeze(2)
+    return x.int() if x.dtype == torch.int64 else x
+
+
+def op_counts(mlpackage: Path) -> dict[str, int]:
+    """MIL op type -> count over every function of an ML Program (reads the spec only; works on Linux)."""
+    import coremltools as ct
+
+    spec = ct.utils.load_spec(str(mlpackage))
+    counts: Counter[str] = Counter()
+
+    def walk(block: Any) -> None:
+        for op in block.operations:
+            counts[op.type] += 1
+            for b in op.blocks:
+                walk(b)
+
+    for fn in spec.mlProgram.functions.values():
+        for block in fn.block_specializations.values():
+            walk(block)
+    return dict(sorted(counts.items()))
+
+
+def _unsupported(component: str, module: nn.Module, feeds: dict[str, torch.Tensor], e: Exception) -> UnsupportedOpError:
+    text = str(e)
+    m = re.search(r"op '([\w.:]+)'", text) or re.search(r"op ([\w.:]+) not implemented", text)
+    if m:
+        op = m.group(1)
+        path = locate_op(module, feeds, op) or "<unknown module>"
+        return UnsupportedOpError(f"Core ML cannot express op {op} in {component} module {path}; "
+                                  "replace that layer or leave coreml out of --targets")
+    first = next((ln for ln in text.splitlines() if ln.strip()), type(e).__name__)
+    return UnsupportedOpError(f"Core ML conversion of {component} failed: {first[:300]}")
+
+
+def write_tokenizer(bundle: Bundle, root: Path) -> list[str]:
+    """Tokenizer files beside the packages: vocab.json + merges.txt for CLIP BPE (what the Swift package reads), else vocab.txt."""
+    if bundle.tokenizer is None or any(root.glob("vocab*")):
+        return sorted(p.name for p in root.iterdir() if not p.name.endswith(".mlpackage"))
+    bundle.tokenizer.save_pretrained(root)
+    if hasattr(bundle.tokenizer, "save_vocabulary"):
+        bundle.tokenizer.save_vocabulary(str(root))
+    return sorted(p.name for p in root.iterdir() if not p.name.endswith(".mlpackage"))
+
+
+@register_exporter
+class CoremlExporter:
+    """Target "coreml": `coreml/<Package>.mlpackage`, mlprogram, fp16 compute."""
+
+    target = "coreml"
+
+    def export(self, bundle: Bundle, component: str, options: ExportOptions, out: Path) -> Artifact:
+        import coremltools as ct
+
+        start = time.perf_counter()
+        target = deployment_target(options)
+        spec = wrap(bundle, component)
+        resolutions = list(options.resolutions) or [bundle.resolution]
+        for r in resolutions:
+            check_resolution(bundle, r)
+        fixed_batch = None if target == "iOS18" else max(options.batch_sizes)
+        batches = list(options.batch_sizes) if fixed_batch is None else [fixed_batch]
+        combos = [(b, r) for b in batches for r in (resolutions if component != "text_encoder" else resolutions[:1])]
+        feeds = {c: example_inputs(bundle, component, *c) for c in combos}
+        names = IO_NAMES[component]
+        layouts = {n: names[n][1] for n in spec.input_names}
+        prepared, _ = rewrite_norms(spec.module)
+        apple = AppleLayout(prepared, spec.input_names, layouts).eval()
+        first = feeds[combos[0]]
+        trace_args = tuple(to_apple(n, first[n], layouts[n]) for n in spec.input_names)
+        ran: set[int] = set()
+        hooks = [m.register_forward_pre_hook(lambda mod, a: ran.add(id(mod))) for _, m in attention_modules(prepared)]
+        with coreml_attention(prepared, target) as (form, _), torch.no_grad():
+            traced = torch.jit.trace(apple, trace_args)
+        for h in hooks:
+            h.remove()
+        n_attention = len(ran)
+        ct_inputs = []
+        for i, n in enumerate(spec.input_names):
+            per_combo = [tuple(to_apple(n, feeds[c][n], layouts[n]).shape) for c in combos]
+            # iOS18 pairs enumerated shapes by position across inputs; earlier targets take one input only
+            shapes = per_combo if target == "iOS18" else list(dict.fromkeys(per_combo))
+            enumerate_this = len(set(per_combo)) > 1 and (target == "iOS18" or i == 0)
+            shape = ct.EnumeratedShapes(shapes=shapes, default=shapes[0]) if enumerate_this else shapes[0]
+            dtype = np.int32 if first[n].dtype == torch.int64 else np.float32
+            ct_inputs.append(ct.TensorType(name=names[n][0], shape=shape, dtype=dtype))
+        out_name = names[spec.output_names[0]][0]
+        try:
+            model = ct.convert(traced, inputs=ct_inputs, outputs=[ct.TensorType(name=out_name, dtype=np.float32)],
+                               convert_to="mlprogram", compute_precision=ct.precision.FLOAT16,
+                               minimum_deployment_target=getattr(ct.target, target), skip_model_load=True)
+        except (NotImplementedError, ValueError, RuntimeError, TypeError) as e:
+            raise _unsupported(component, spec.module, first, e) from e
+        root = out / COREML_DIR
+        final = root / f"{PACKAGE[component]}.mlpackage"
+        root.mkdir(parents=True, exist_ok=True)
+        model.save(str(final))
+        files = write_tokenizer(bundle, root) if component == "text_encoder" else []
+        ops = op_counts(final)
+        with torch.no_grad():
+            sample_out = spec.module(**first)
+        shapes = [{n: list(f[n].shape) for n in spec.input_names} for f in feeds.values()]
+        varying = {n: {a: lbl for a, lbl in spec.dynamic_axes.get(n, {}).items()
+                       if len({s[n][a] for s in shapes}) > 1} for n in spec.input_names}
+        inputs = {n: {"shape": [varying[n].get(a, d) for a, d in enumerate(first[n].shape)],
+                      "dtype": "int64" if first[n].dtype == torch.int64 else "float32"} for n in spec.input_names}
+        details = {
+            "deployment_target": target, "compute_precision": "fp16", "attention_form": form,
+            "attention_modules": n_attention, "fused_attention": count_coreml_fused(final),
+            "fused_attention_intended": n_attention if form == "sdpa" else 0, "ops": ops,
+            "coreml_io": {n: {"name": names[n][0], "layout": names[n][1]}
+                          for n in spec.input_names + spec.output_names},
+            "enumerated_inputs": [t.name for t in ct_inputs if isinstance(t.shape, ct.EnumeratedShapes)],
+            "fixed_batch": fixed_batch, "tokenizer_files": files,
+            "bytes": sum(p.stat().st_size for p in final.rglob("*") if p.is_file()),
+            "resolution_multiple": resolution_multiple(bundle), "vae_scale_factor": bundle.vae_scale_factor,
+            "export_seconds": round(time.perf_counter() - start, 2)}
+        return Artifact(target=self.target, component=component, path=str(final.relative_to(out)),
+                        precision=options.precision, inputs=inputs,
+                        outputs={spec.output_names[0]: {"shape": list(sample_out.shape), "dtype": "float32"}},
+                        shapes=shapes, details=details)
