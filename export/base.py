@@ -126,7 +126,7 @@ def exporter_names() -> list[str]:
 # Backends that register themselves on import: each name is a module in export/ (its exporter) and,
 # when present, in runtimes/ (its adapter). The Core ML / ExecuTorch owner adds "coreml" and
 # "executorch" to this tuple.
-BUILTIN_BACKENDS: tuple[str, ...] = ("onnx",)
+BUILTIN_BACKENDS: tuple[str, ...] = ("onnx", "coreml", "executorch")
 
 
 def load_builtins() -> None:

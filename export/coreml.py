@@ -16,6 +16,7 @@ split-einsum form chosen by `export/attention.py`.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -32,6 +33,7 @@ from torch import nn
 
 from ..bundle import Bundle
 from ..errors import ConfigError, UnsupportedOpError
+from ..fileio import atomic_write_bytes, atomic_write_json
 from .attention import FormProcessor, attention_form, attention_modules, choose_form, count_coreml_fused
 from .base import Artifact, ExportOptions, register_exporter
 from .components import check_resolution, example_inputs, locate_op, resolution_multiple, wrap
@@ -139,7 +141,9 @@ def _unsupported(component: str, module: nn.Module, feeds: dict[str, torch.Tenso
     m = re.search(r"op '([\w.:]+)'", text) or re.search(r"op ([\w.:]+) not implemented", text)
     if m:
         op = m.group(1)
-        path = locate_op(module, feeds, op) or "<unknown module>"
+        located = re.search(r"located at: '([^']+)'", text)
+        path = (locate_op(module, feeds, op) or locate_op(module, feeds, op.removeprefix("special_"))
+                or (located.group(1) if located else "<unknown module>"))
         return UnsupportedOpError(f"Core ML cannot express op {op} in {component} module {path}; "
                                   "replace that layer or leave coreml out of --targets")
     first = next((ln for ln in text.splitlines() if ln.strip()), type(e).__name__)
@@ -151,8 +155,14 @@ def write_tokenizer(bundle: Bundle, root: Path) -> list[str]:
     if bundle.tokenizer is None or any(root.glob("vocab*")):
         return sorted(p.name for p in root.iterdir() if not p.name.endswith(".mlpackage"))
     bundle.tokenizer.save_pretrained(root)
-    if hasattr(bundle.tokenizer, "save_vocabulary"):
-        bundle.tokenizer.save_vocabulary(str(root))
+    vocab = bundle.tokenizer.get_vocab()
+    atomic_write_json(root / "vocab.json", vocab)
+    model = json.loads((root / "tokenizer.json").read_text()).get("model", {}) if (root / "tokenizer.json").is_file() else {}
+    if model.get("merges"):
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+        atomic_write_bytes(root / "merges.txt", ("#version: 0.2\n" + "\n".join(merges) + "\n").encode())
+    elif model.get("type") == "WordPiece":
+        atomic_write_bytes(root / "vocab.txt", ("\n".join(sorted(vocab, key=vocab.get)) + "\n").encode())
     return sorted(p.name for p in root.iterdir() if not p.name.endswith(".mlpackage"))
 
 
