@@ -95,7 +95,7 @@ def main() -> None:
     p.add_argument("--calls", type=int, nargs="+", default=[10], help="timed calls per model (one per model or one for all)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
-    p.add_argument("--winograd", choices=["auto", "off", "all"], default="auto")
+    p.add_argument("--winograd", choices=["auto", "off", "f2", "f4"], default="auto")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
     calls = args.calls * len(args.models) if len(args.calls) == 1 else args.calls

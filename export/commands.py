@@ -33,8 +33,9 @@ def _export(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--batch-sizes", type=_ints, default=(1, 2), help="batch sizes to export and validate for")
     p.add_argument("--resolutions", type=_ints, default=(), help="image sides in pixels (default: native)")
     p.add_argument("--deployment-target", default="iOS18", help="Core ML: iOS16, iOS17 or iOS18")
-    p.add_argument("--winograd", choices=["auto", "off", "all"], default="auto",
-                   help="3x3 convolutions in Winograd form: where measured faster (auto), never, or everywhere")
+    p.add_argument("--winograd", choices=["auto", "off", "f2", "f4"], default="auto",
+                   help="3x3 convolutions in Winograd form: where the measured table says faster (auto), never, "
+                        "or everywhere with F(2x2,3x3) / F(4x4,3x3)")
     p.add_argument("--out", type=path_arg, required=True, help="artifact folder (written atomically)")
 
     def run(args: argparse.Namespace) -> None:

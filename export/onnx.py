@@ -27,6 +27,7 @@ from ..errors import GateError, UnsupportedOpError
 from ..fileio import atomic_write_json
 from .attention import attention_form, choose_form, count_onnx_fused, intended_fused_count
 from .base import Artifact, ExportOptions, register_exporter
+from .winograd import apply_winograd, conv_input_sizes
 from .components import check_resolution, example_inputs, locate_op, resolution_multiple, wrap
 
 OPSET = 18
@@ -322,7 +323,8 @@ class OnnxExporter:
                 trace_to_onnx(spec.module, feeds, spec.input_names, spec.output_names, spec.dynamic_axes,
                               scratch / "model.onnx")
             model = onnx.load(str(scratch / "model.onnx"))
-            details: dict[str, Any] = {"opset": OPSET, "attention_form": form}
+            details: dict[str, Any] = {"opset": OPSET, "attention_form": form,
+                                       "winograd": self._winograd(model, spec.module, feeds, options)}
             if options.precision == "fp16":
                 model, details["fp32_islands"], details["fp16_trial"] = self._fp16(
                     model, spec, feeds, scratch, component)
@@ -342,6 +344,17 @@ class OnnxExporter:
             "export_seconds": round(time.perf_counter() - start, 2)})
         return Artifact(target=self.target, component=component, path=str(final.relative_to(out)),
                         precision=options.precision, inputs=inputs, outputs=outputs, shapes=shapes, details=details)
+
+    def _winograd(self, model: onnx.ModelProto, module: torch.nn.Module, feeds: dict[str, torch.Tensor],
+                  options: ExportOptions) -> dict[str, Any]:
+        """Winograd-rewrite the 3x3 convolutions the measured table says are faster on onnxruntime.
+
+        The table was measured in fp32, so "auto" leaves fp16 graphs alone; "f2"/"f4" force it.
+        """
+        mode = options.extra.get("winograd", "auto")
+        if mode == "auto" and options.precision != "fp32":
+            return {"mode": mode, "rewritten": {}, "eligible": 0, "note": "table measured for fp32 only"}
+        return apply_winograd(model, "onnx", mode, conv_input_sizes(module, feeds))
 
     def _fp16(self, model: onnx.ModelProto, spec: Any, feeds: dict[str, torch.Tensor], scratch: Path,
               component: str) -> tuple[onnx.ModelProto, str, dict[str, Any]]:

@@ -46,6 +46,9 @@ def register_runtime(cls: type) -> type:
 
 def open_session(artifact: Artifact, folder: Path) -> Session:
     """Load `artifact` (from the artifact folder `folder`) in the runtime registered for its target."""
+    from ..export.base import load_builtins
+
+    load_builtins()
     if artifact.target not in _RUNTIMES:
         raise UserError(f"no runtime adapter for {artifact.target!r} artifacts; "
                         f"available: {', '.join(sorted(_RUNTIMES)) or 'none'}")

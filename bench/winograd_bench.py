@@ -1,0 +1,116 @@
+"""Per-layer Winograd table: each 3x3 stride-1 conv shape of a model, direct vs F(2x2,3x3) vs F(4x4,3x3).
+
+Times onnxruntime (CPU provider, default options) on one-Conv graphs, batch 1, fp32, the three
+variants interleaved, median of --repeats calls. Writes export/winograd_table.py, which the ONNX
+exporter reads in "auto" mode (a tile size is chosen only when it beats the direct conv by --margin),
+and prints a Markdown table for docs/BENCHMARKS.md, losses included.
+
+    flock /tmp/heavy.lock .venv/bin/python bench/winograd_bench.py fashion@64 arch:sd15@512 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from pocketdiff.export.components import example_inputs, wrap
+from pocketdiff.export.winograd import apply_winograd, conv_input_sizes, conv_shape_key, single_conv_model
+from pocketdiff.sources import load_model
+
+TABLE_FILE = Path(__file__).resolve().parents[1] / "export" / "winograd_table.py"
+
+
+def layer_shapes(spec: str, components: list[str]) -> list[tuple[int, int, int, int, str]]:
+    """Unique (cin, cout, h, w) of the model's 3x3 stride-1 pad-1 convs, with where they occur."""
+    model, _, res = spec.partition("@")
+    bundle = load_model(model, shapes_only=True)
+    seen: dict[tuple[int, int, int, int], str] = {}
+    for comp in components:
+        sw = wrap(bundle, comp)
+        feeds = example_inputs(bundle, comp, 1, int(res) if res else None)
+        if model.startswith("arch:"):
+            feeds = {k: v.to("meta") for k, v in feeds.items()}
+        sizes = conv_input_sizes(sw.module, feeds)
+        mods = dict(sw.module.named_modules())
+        for path, (h, w) in sizes.items():
+            conv = mods[path]
+            if tuple(conv.stride) == (1, 1) and tuple(conv.padding) == (1, 1) and conv.groups == 1:
+                seen.setdefault((conv.in_channels, conv.out_channels, h, w), f"{model} {comp} {path}")
+    return [(*k, v) for k, v in seen.items()]
+
+
+def time_layer(cin: int, cout: int, h: int, w: int, repeats: int) -> dict[str, float]:
+    """Median ms of direct, F2 and F4 for one layer shape (interleaved calls)."""
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((cout, cin, 3, 3)) / np.sqrt(9 * cin)
+    bias = rng.standard_normal(cout)
+    base = single_conv_model(cin, cout, weight, bias)
+    x = rng.standard_normal((1, cin, h, w)).astype(np.float32)
+    sessions = {}
+    for name in ("direct", "f2", "f4"):
+        model = copy.deepcopy(base)
+        if name != "direct":
+            apply_winograd(model, "onnx", name, {})
+        sessions[name] = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = sessions["direct"].run(None, {"x": x})[0]
+    times: dict[str, list[float]] = {n: [] for n in sessions}
+    for name, s in sessions.items():
+        out = s.run(None, {"x": x})[0]
+        assert np.abs(out - ref).max() < 1e-3 * max(1.0, np.abs(ref).max()), name
+    for _ in range(repeats):
+        for name, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, {"x": x})
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("models", nargs="+", help="MODEL@RESOLUTION, e.g. fashion@64 arch:sd15@512")
+    p.add_argument("--components", default="unet,vae_decoder")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--margin", type=float, default=0.05, help="a tile must be this much faster to be chosen")
+    p.add_argument("--max-pixels", type=int, default=128 * 128, help="skip layers with larger feature maps")
+    args = p.parse_args()
+    torch.set_grad_enabled(False)
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    cpu = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "?")
+    header = (f"{datetime.date.today().isoformat()}, {cpu}, {len(__import__('os').sched_getaffinity(0))} cores, "
+              f"onnxruntime {ort.__version__}; command: {' '.join(sys.argv)}")
+    rows = []
+    for spec in args.models:
+        for cin, cout, h, w, where in layer_shapes(spec, args.components.split(",")):
+            if h * w > args.max_pixels:
+                print(f"skipped {cin}x{cout}@{h}x{w} ({where}): feature map over --max-pixels", flush=True)
+                continue
+            t = time_layer(cin, cout, h, w, args.repeats)
+            best = min(("f2", "f4"), key=lambda n: t[n])
+            best_m = int(best[1]) if t[best] < t["direct"] * (1 - args.margin) else None
+            rows.append({"key": conv_shape_key(cin, cout, h, w), "where": where, **{f"{n}_ms": round(v, 3)
+                         for n, v in t.items()}, "best_m": best_m})
+            print(f"| {rows[-1]['key']} | {where} | {t['direct']:.2f} | {t['f2']:.2f} ({t['direct'] / t['f2']:.2f}x) | "
+                  f"{t['f4']:.2f} ({t['direct'] / t['f4']:.2f}x) | {'F' + str(best_m) if best_m else 'direct'} |",
+                  flush=True)
+    table = {r["key"]: {k: v for k, v in r.items() if k != "key"} for r in rows}
+    TABLE_FILE.write_text(
+        '"""Winograd per-layer table for onnxruntime CPU, measured by bench/winograd_bench.py (do not edit).\n\n'
+        f"{header}\n"
+        '"""\n\nTABLE: dict[str, dict[str, dict]] = {"onnx": ' + repr(table) + "}\n")
+    print(f"wrote {TABLE_FILE}")
+
+
+if __name__ == "__main__":
+    main()

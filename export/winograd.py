@@ -1,0 +1,248 @@
+"""Winograd F(2x2,3x3) and F(4x4,3x3) for 3x3 stride-1 convolutions, as an ONNX graph rewrite.
+
+A Conv (3x3, stride 1, dilation 1, pad 1, one group, weights as an initializer) becomes standard ops:
+    Pad to whole tiles (sizes computed in the graph, so dynamic height/width still work)
+    -> input transform B^T d B: one Conv over the channels as separate planes (a x a kernel,
+       stride m, a^2 outputs)
+    -> Transpose/Reshape to [a^2, C, tiles] -> batched MatMul with the weights G g G^T (transformed at
+       export time, in float64) -> output transform A^T M A: one MatMul with [m^2, a^2]
+    -> Transpose/Reshape back to NCHW, Slice off the padding, add the bias.
+(m = 2 or 4 outputs per tile side; a = m + 2.) The multiplies of the main product drop from 9 per
+output to a^2/m^2 (4 for F2, 2.25 for F4). Whether that is faster than the runtime's own convolution
+depends on the layer's shape, so `apply_winograd` rewrites only the layers the measured table
+(`winograd_table.py`, written by bench/winograd_bench.py) says win on that backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction as Fr
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..errors import ConfigError
+
+MODES = ("auto", "off", "f2", "f4")  # f2/f4: every eligible layer with that tile
+
+# Lavin & Gray (2016) transforms, exact rationals.
+_BT = {2: [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+       4: [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0],
+           [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]}
+_G = {2: [[1, 0, 0], [Fr(1, 2), Fr(1, 2), Fr(1, 2)], [Fr(1, 2), Fr(-1, 2), Fr(1, 2)], [0, 0, 1]],
+      4: [[Fr(1, 4), 0, 0], [Fr(-1, 6), Fr(-1, 6), Fr(-1, 6)], [Fr(-1, 6), Fr(1, 6), Fr(-1, 6)],
+          [Fr(1, 24), Fr(1, 12), Fr(1, 6)], [Fr(1, 24), Fr(-1, 12), Fr(1, 6)], [0, 0, 1]]}
+_AT = {2: [[1, 1, 1, 0], [0, 1, -1, -1]],
+       4: [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]}
+
+
+def matrices(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(B^T, G, A^T) of F(m x m, 3 x 3) as float64."""
+    if m not in _BT:
+        raise ConfigError(f"Winograd F({m}x{m},3x3) is not implemented; use m=2 or m=4")
+    return (np.array(_BT[m], dtype=np.float64), np.array([[float(v) for v in r] for r in _G[m]]),
+            np.array(_AT[m], dtype=np.float64))
+
+
+def transform_weights(w: np.ndarray, m: int) -> np.ndarray:
+    """[K, C, 3, 3] weights -> [a^2, K, C] (G g G^T per filter), computed in float64."""
+    _, g, _ = matrices(m)
+    u = np.einsum("xi,kcij,yj->xykc", g, w.astype(np.float64), g)
+    a = m + 2
+    return u.reshape(a * a, *w.shape[:2])
+
+
+def input_transform_kernel(m: int) -> np.ndarray:
+    """[a^2, 1, a, a] depthwise kernel whose output (xi, nu) is (B^T d B)[xi, nu] of each tile d."""
+    bt, _, _ = matrices(m)
+    a = m + 2
+    return np.einsum("xi,yj->xyij", bt, bt).reshape(a * a, 1, a, a)
+
+
+def output_transform(m: int) -> np.ndarray:
+    """[m^2, a^2] matrix taking the a x a product tile to the m x m output tile (A^T M A)."""
+    _, _, at = matrices(m)
+    return np.einsum("rx,sy->rsxy", at, at).reshape(m * m, (m + 2) ** 2)
+
+
+def eligible(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
+    """A 3x3, stride-1, dilation-1, pad-1, single-group Conv with constant weights."""
+    if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in inits:
+        return False
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    w = inits[node.input[1]]
+    return (list(w.dims[2:]) == [3, 3] and list(attrs.get("strides", [1, 1])) == [1, 1]
+            and list(attrs.get("dilations", [1, 1])) == [1, 1] and attrs.get("group", 1) == 1
+            and list(attrs.get("pads", [0, 0, 0, 0])) == [1, 1, 1, 1]
+            and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET"))
+
+
+@dataclass
+class _Builder:
+    """Adds nodes and initializers for one rewritten Conv, with unique names under `prefix`."""
+
+    graph: onnx.GraphProto
+    prefix: str
+    nodes: list[onnx.NodeProto]
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        full = f"{self.prefix}/{name}"
+        self.graph.initializer.append(numpy_helper.from_array(value, full))
+        return full
+
+    def op(self, op_type: str, inputs: list[str], name: str, **attrs: Any) -> str:
+        out = f"{self.prefix}/{name}"
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
+        return out
+
+
+def rewrite_conv(graph: onnx.GraphProto, node: onnx.NodeProto, weight: np.ndarray, bias: np.ndarray | None,
+                 m: int) -> list[onnx.NodeProto]:
+    """The nodes computing `node`'s Conv in Winograd F(m x m, 3 x 3) form (same input and output names)."""
+    dtype = weight.dtype
+    k, c = weight.shape[:2]
+    a = m + 2
+    b = _Builder(graph, f"{node.name or node.output[0]}/winograd{m}", [])
+    x = node.input[0]
+    i64 = lambda v: np.array(v, dtype=np.int64)  # noqa: E731
+    shape = b.op("Shape", [x], "shape")
+    hw = b.op("Gather", [shape, b.const("hw_idx", i64([2, 3]))], "hw", axis=0)
+    mm = b.const("m", i64([m, m]))
+    extra = b.op("Mod", [b.op("Sub", [mm, b.op("Mod", [hw, mm], "hw_mod")], "hw_rem"), mm], "extra")
+    end_pad = b.op("Add", [extra, b.const("one", i64([1, 1]))], "end_pad")
+    pads = b.op("Concat", [b.const("pad_head", i64([0, 0, 1, 1])), b.const("zero2", i64([0, 0])), end_pad],
+                "pads", axis=0)
+    xp = b.op("Pad", [x, pads], "pad", mode="constant")
+    # Input transform as a one-channel Conv over [N*C, 1, H', W'] (faster here than a grouped Conv).
+    planes = b.op("Reshape", [xp, b.const("planes_shape", i64([-1, 1, 0, 0]))], "planes")
+    v = b.op("Conv", [planes, b.const("bt_kernel", input_transform_kernel(m).astype(dtype))], "input_transform",
+             kernel_shape=[a, a], strides=[m, m], pads=[0, 0, 0, 0])  # [N*C, a^2, th, tw]
+    vshape = b.op("Shape", [v], "v_shape")
+    batch = b.op("Gather", [shape, b.const("n_idx", i64([0]))], "n", axis=0)
+    v4_shape = b.op("Concat", [batch, b.const("c_a2_t", i64([c, a * a, -1]))], "v4_shape", axis=0)
+    v4 = b.op("Reshape", [v, v4_shape], "v4")  # [N, C, a^2, T]
+    vt = b.op("Transpose", [v4], "vt", perm=[2, 1, 0, 3])  # [a^2, C, N, T]
+    v3 = b.op("Reshape", [vt, b.const("v3_shape", i64([a * a, c, -1]))], "v3")
+    u = b.const("weights", transform_weights(weight, m).astype(dtype))
+    prod = b.op("MatMul", [u, v3], "product")  # [a^2, K, N*T]
+    flat = b.op("Reshape", [prod, b.const("flat_shape", i64([a * a, -1]))], "flat")
+    y = b.op("MatMul", [b.const("at", output_transform(m).astype(dtype)), flat], "output_transform")
+    # [m^2, K*N*T] -> [m^2*K, N, T] -> [N, m^2*K, T] -> [N, m^2*K, th, tw]; channel order (r, s, k) is
+    # DepthToSpace's DCR layout, which interleaves the m x m tiles back into [N, K, th*m, tw*m].
+    y3_shape = b.op("Concat", [b.const("mk", i64([m * m * k])), batch, b.const("minus1", i64([-1]))],
+                    "y3_shape", axis=0)
+    y3 = b.op("Reshape", [y, y3_shape], "y3")
+    yn = b.op("Transpose", [y3], "yn", perm=[1, 0, 2])
+    y4_shape = b.op("Concat", [b.const("zero_mk", i64([0, m * m * k])), b.op("Gather", [
+        vshape, b.const("tt_idx", i64([2, 3]))], "tiles_hw", axis=0)], "y4_shape", axis=0)
+    y4 = b.op("DepthToSpace", [b.op("Reshape", [yn, y4_shape], "y4_tiles")], "y4", blocksize=m, mode="DCR")
+    cropped = b.op("Slice", [y4, b.const("starts", i64([0, 0])), hw, b.const("axes", i64([2, 3]))], "crop")
+    final = node.output[0]
+    if bias is not None:
+        b.nodes.append(helper.make_node("Add", [cropped, b.const("bias", bias.reshape(1, k, 1, 1).astype(dtype))],
+                                        [final], name=f"{b.prefix}/bias"))
+    else:
+        b.nodes.append(helper.make_node("Identity", [cropped], [final], name=f"{b.prefix}/out"))
+    return b.nodes
+
+
+def conv_shape_key(cin: int, cout: int, h: int, w: int) -> str:
+    """Table key of one convolution layer shape."""
+    return f"{cin}x{cout}@{h}x{w}"
+
+
+def choose_m(backend: str, cin: int, cout: int, h: int, w: int, mode: str) -> int | None:
+    """Tile size to use for one layer: from the measured table in "auto", fixed in "f2"/"f4", none in "off"."""
+    if mode not in MODES:
+        raise ConfigError(f"unknown Winograd mode {mode!r}; choose from {', '.join(MODES)}")
+    if mode == "off":
+        return None
+    if mode in ("f2", "f4"):
+        return int(mode[1])
+    from .winograd_table import TABLE
+
+    rows = TABLE.get(backend, {})
+    row = rows.get(conv_shape_key(cin, cout, h, w))
+    if row is None:
+        return None
+    return row["best_m"]
+
+
+def conv_input_sizes(module: Any, feeds: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """Module path -> input (height, width) of every 3x3 Conv2d, from one forward pass over `feeds`."""
+    import torch
+
+    sizes: dict[str, tuple[int, int]] = {}
+    hooks = [sub.register_forward_pre_hook(lambda m, a, p=path: _record(sizes, p, a[0]))
+             for path, sub in module.named_modules()
+             if isinstance(sub, torch.nn.Conv2d) and tuple(sub.kernel_size) == (3, 3)]
+    try:
+        with torch.no_grad():
+            module(**feeds)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sizes
+
+
+def _record(sizes: dict[str, tuple[int, int]], path: str, x: Any) -> None:
+    """Pre-hook body: remember the first input size a module saw (returns None: inputs unchanged)."""
+    sizes.setdefault(path, (int(x.shape[-2]), int(x.shape[-1])))
+
+
+def node_scope(name: str) -> str:
+    """Module path of a TorchScript-exported node name: "/unet/conv_in/Conv" -> "unet.conv_in"."""
+    return ".".join(name.strip("/").split("/")[:-1])
+
+
+def apply_winograd(model: onnx.ModelProto, backend: str, mode: str, spatial: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    """Rewrite eligible Convs of `model` in place; returns {"mode", "rewritten": {node: m}, "eligible": n}.
+
+    `spatial` maps module paths (see `conv_input_sizes`) to the input height and width at the first
+    exported shape, as the table is keyed by layer shape; a Conv not in it is left alone in "auto".
+    """
+    if mode == "off":
+        return {"mode": mode, "rewritten": {}, "eligible": 0}
+    inits = {t.name: t for t in model.graph.initializer}
+    new_nodes: list[onnx.NodeProto] = []
+    rewritten: dict[str, int] = {}
+    n_eligible = 0
+    for node in model.graph.node:
+        if not eligible(node, inits):
+            new_nodes.append(node)
+            continue
+        n_eligible += 1
+        w = numpy_helper.to_array(inits[node.input[1]])
+        h, wd = spatial.get(node_scope(node.name), (0, 0))
+        m = choose_m(backend, w.shape[1], w.shape[0], h, wd, mode) if (h or mode != "auto") else None
+        if m is None:
+            new_nodes.append(node)
+            continue
+        bias = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] else None
+        new_nodes.extend(rewrite_conv(model.graph, node, w, bias, m))
+        rewritten[node.name] = m
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    used = {i for n in model.graph.node for i in n.input}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    return {"mode": mode, "rewritten": rewritten, "eligible": n_eligible}
+
+
+def single_conv_model(cin: int, cout: int, weight: np.ndarray, bias: np.ndarray | None,
+                      dtype: Any = np.float32) -> onnx.ModelProto:
+    """A one-Conv ONNX model (dynamic N, H, W) for the per-layer tests and the benchmark."""
+    et = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    inits = [numpy_helper.from_array(weight.astype(dtype), "w")]
+    inputs = ["x", "w"]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias.astype(dtype), "b"))
+        inputs.append("b")
+    node = helper.make_node("Conv", inputs, ["y"], name="/conv/Conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                            strides=[1, 1])
+    graph = helper.make_graph([node], "conv", [helper.make_tensor_value_info("x", et, ["N", cin, "H", "W"])],
+                              [helper.make_tensor_value_info("y", et, ["N", cout, "H", "W"])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])

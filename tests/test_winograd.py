@@ -1,0 +1,129 @@
+"""Winograd F(2x2,3x3) / F(4x4,3x3): exact in rational arithmetic, within rounding per layer, used per the table."""
+
+import copy
+import random
+from fractions import Fraction
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from pocketdiff.export.base import ExportOptions
+from pocketdiff.export.components import example_inputs, wrap
+from pocketdiff.export.onnx import OnnxExporter
+from pocketdiff.export.winograd import (apply_winograd, choose_m, conv_shape_key, matrices, output_transform,
+                                        input_transform_kernel, single_conv_model, transform_weights)
+from pocketdiff.runtimes.base import open_session
+from pocketdiff.zoo import build_arch
+
+EPS = {np.float32: np.finfo(np.float32).eps, np.float16: np.finfo(np.float16).eps}
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_transforms_are_exact_in_rational_arithmetic(m):
+    """A^T [(G g G^T) * (B^T d B)] A equals the 3x3 correlation exactly, for random integer tiles."""
+    from pocketdiff.export.winograd import _AT, _BT, _G
+
+    rng = random.Random(m)
+    a = m + 2
+    bt = [[Fraction(v) for v in r] for r in _BT[m]]
+    g = [[Fraction(v) for v in r] for r in _G[m]]
+    at = [[Fraction(v) for v in r] for r in _AT[m]]
+
+    def mul(x, y):
+        return [[sum(x[i][k] * y[k][j] for k in range(len(y))) for j in range(len(y[0]))] for i in range(len(x))]
+
+    def t(x):
+        return [list(r) for r in zip(*x)]
+
+    for _ in range(3):
+        d = [[Fraction(rng.randint(-9, 9)) for _ in range(a)] for _ in range(a)]
+        w = [[Fraction(rng.randint(-9, 9)) for _ in range(3)] for _ in range(3)]
+        u, v = mul(mul(g, w), t(g)), mul(mul(bt, d), t(bt))
+        y = mul(mul(at, [[u[i][j] * v[i][j] for j in range(a)] for i in range(a)]), t(at))
+        direct = [[sum(d[r + i][s + j] * w[i][j] for i in range(3) for j in range(3)) for s in range(m)]
+                  for r in range(m)]
+        assert y == direct
+
+
+def test_matrix_helpers_agree_with_definitions():
+    bt, g, at = matrices(4)
+    assert input_transform_kernel(4).shape == (36, 1, 6, 6) and output_transform(4).shape == (16, 36)
+    w = np.random.default_rng(0).standard_normal((5, 3, 3, 3))
+    u = transform_weights(w, 4).reshape(6, 6, 5, 3)
+    assert np.allclose(u[..., 1, 2], g @ w[1, 2] @ g.T)
+
+
+def _conv64(x, w, b):
+    return torch.nn.functional.conv2d(torch.from_numpy(x).double(), torch.from_numpy(w).double(),
+                                      None if b is None else torch.from_numpy(b).double(), padding=1).numpy()
+
+
+def _run(model, x):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("shape", [(2, 8, 16, 12, 12, True), (1, 32, 24, 7, 9, False), (1, 64, 64, 16, 16, True)])
+def test_per_layer_error_is_rounding_only(dtype, m, shape):
+    """|winograd - exact| stays within a rounding bound scaled by the layer's |x| * |w| magnitude."""
+    n, cin, cout, h, w_, with_bias = shape
+    rng = np.random.default_rng(cin + m)
+    w = (rng.standard_normal((cout, cin, 3, 3)) / np.sqrt(9 * cin)).astype(dtype)
+    b = rng.standard_normal(cout).astype(dtype) if with_bias else None
+    x = rng.standard_normal((n, cin, h, w_)).astype(dtype)
+    base = single_conv_model(cin, cout, w, b, dtype)
+    wino = copy.deepcopy(base)
+    info = apply_winograd(wino, "onnx", f"f{m}", {})
+    assert info["rewritten"] == {"/conv/Conv": m}
+    exact = _conv64(x.astype(np.float64), w.astype(np.float64), None if b is None else b.astype(np.float64))
+    magnitude = _conv64(np.abs(x).astype(np.float64), np.abs(w).astype(np.float64), None) + (
+        0 if b is None else np.abs(b.astype(np.float64))[None, :, None, None])
+    got = _run(wino, x).astype(np.float64)
+    assert got.shape == exact.shape
+    # F(2,3) transforms have entries <= 1, F(4,3) up to 8 (A) and 5 (B): the bound grows with them.
+    factor = {2: 8, 4: 64}[m] * EPS[dtype]
+    assert (np.abs(got - exact) <= factor * magnitude + 1e-30).all()
+
+
+def test_only_eligible_convs_are_rewritten():
+    rng = np.random.default_rng(0)
+    model = single_conv_model(4, 4, rng.standard_normal((4, 4, 3, 3)), None)
+    model.graph.node[0].attribute.append(__import__("onnx").helper.make_attribute("group", 2))
+    assert apply_winograd(copy.deepcopy(model), "onnx", "f4", {})["rewritten"] == {}
+    assert choose_m("onnx", 4, 4, 8, 8, "off") is None and choose_m("onnx", 4, 4, 8, 8, "f2") == 2
+
+
+def test_exported_unet_with_winograd_matches_pytorch(tmp_path):
+    bundle = build_arch("tiny", seed=2)
+    art = OnnxExporter().export(bundle, "unet", ExportOptions(components=("unet",), batch_sizes=(2,),
+                                                             extra={"winograd": "f4"}), tmp_path)
+    wino = art.details["winograd"]
+    assert wino["eligible"] > 0 and len(wino["rewritten"]) == wino["eligible"]
+    sess = open_session(art, tmp_path)
+    feeds = example_inputs(bundle, "unet", 2, 24)
+    with torch.no_grad():
+        ref = wrap(bundle, "unet").module(**feeds).numpy()
+    out = sess.run({k: v.numpy() for k, v in feeds.items()})["out_sample"]
+    assert np.abs(out - ref).max() < 1e-4
+
+
+def test_auto_mode_follows_the_measured_table(tmp_path):
+    from pocketdiff.export.winograd_table import TABLE
+
+    bundle = build_arch("tiny", seed=2)
+    art = OnnxExporter().export(bundle, "unet", ExportOptions(components=("unet",)), tmp_path)
+    from pocketdiff.export.winograd import conv_input_sizes, node_scope
+
+    sizes = conv_input_sizes(wrap(bundle, "unet").module, example_inputs(bundle, "unet"))
+    modules = dict(wrap(bundle, "unet").module.named_modules())
+    for node, m in art.details["winograd"]["rewritten"].items():
+        conv = modules[node_scope(node)]
+        key = conv_shape_key(conv.in_channels, conv.out_channels, *sizes[node_scope(node)])
+        assert TABLE["onnx"][key]["best_m"] == m
+    fp16 = OnnxExporter().export(bundle, "unet", ExportOptions(components=("unet",), precision="fp16"),
+                                 tmp_path / "h")
+    assert fp16.details["winograd"]["rewritten"] == {}
