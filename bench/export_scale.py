@@ -1,0 +1,138 @@
+"""Export at scale and ExecuTorch latency: what docs/BENCHMARKS.md's "Core ML / ExecuTorch export" section prints.
+
+    python bench/export_scale.py scale --model arch:sd15 --targets onnx,coreml,executorch --out runs/scale
+        one subprocess per (target, component): export seconds, peak RSS (wait4), artifact bytes
+    python bench/export_scale.py latency --model fashion --component unet
+        pocketdiff's ExecuTorch lowering vs a plain XNNPACK lowering, same model, same run; ratio printed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def export_one(model: str, target: str, component: str, out: Path) -> dict:
+    """Export one component for one target (run inside its own process); returns the Artifact's figures."""
+    from pocketdiff.export.base import ExportOptions, get_exporter, load_builtins
+    from pocketdiff.sources import load_model
+
+    load_builtins()
+    bundle = load_model(model)
+    opts = ExportOptions(components=(component,), batch_sizes=(1,), extra={"deployment_target": "iOS18"})
+    a = get_exporter(target).export(bundle, component, opts, out)
+    path = out / a.path
+    # ONNX keeps external weight files beside model.onnx; an .mlpackage is a folder; a .pte is one file
+    folder = path if path.is_dir() else (path.parent if target == "onnx" else None)
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder else path.stat().st_size
+    return {"target": target, "component": component, "path": a.path, "bytes": size,
+            "fused_attention": a.details.get("fused_attention")}
+
+
+def scale(model: str, targets: list[str], components: list[str], out: Path) -> list[dict]:
+    """One subprocess per export; wall time and the child's own peak RSS from wait4."""
+    rows = []
+    for target in targets:
+        for component in components:
+            dest = out / f"{target}-{component}"
+            dest.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, __file__, "one", "--model", model, "--target", target,
+                   "--component", component, "--out", str(dest)]
+            start = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            stdout = proc.stdout.read()
+            _, status, usage = os.wait4(proc.pid, 0)
+            row = {"target": target, "component": component, "seconds": round(time.perf_counter() - start, 1),
+                   "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2), "exit": os.waitstatus_to_exitcode(status)}
+            last = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+            row.update(json.loads(last[-1]) if last and row["exit"] == 0 else {"error": stdout[-300:]})
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def _time_method(method, inputs: list[torch.Tensor], runs: int) -> float:
+    method.execute(inputs)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        method.execute(inputs)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def latency(model: str, component: str, batch: int, runs: int) -> dict:
+    """Median call latency of pocketdiff's lowering and of a plain XNNPACK lowering, same inputs, same run."""
+    from executorch.runtime import Runtime
+
+    from pocketdiff.export.components import example_inputs, wrap
+    from pocketdiff.export.executorch import method_name, plain_xnnpack_lowering, pocketdiff_lowering
+    from pocketdiff.sources import load_model
+
+    bundle = load_model(model)
+    spec = wrap(bundle, component)
+    feeds = example_inputs(bundle, component, batch)
+    t = time.perf_counter()
+    ours, details = pocketdiff_lowering(spec.module, {method_name(feeds): feeds}, component)
+    ours_s = time.perf_counter() - t
+    t = time.perf_counter()
+    plain = plain_xnnpack_lowering(spec.module, feeds)
+    plain_s = time.perf_counter() - t
+    rt = Runtime.get()
+    inputs = list(feeds.values())
+    with torch.no_grad():
+        ref = spec.module(**feeds)
+    m_ours = rt.load_program(ours).load_method(method_name(feeds))
+    m_plain = rt.load_program(plain).load_method("forward")
+    err = {k: float((m.execute(inputs)[0] - ref).abs().max()) for k, m in (("ours", m_ours), ("plain", m_plain))}
+    lat_plain = _time_method(m_plain, inputs, runs)
+    lat_ours = _time_method(m_ours, inputs, runs)
+    ops = details["ops"][method_name(feeds)]
+    return {"model": model, "component": component, "batch": batch, "shape": list(inputs[0].shape),
+            "threads": torch.get_num_threads(), "runs": runs,
+            "plain_ms": round(lat_plain * 1e3, 2), "pocketdiff_ms": round(lat_ours * 1e3, 2),
+            "speedup": round(lat_plain / lat_ours, 3), "lowering_s": {"pocketdiff": round(ours_s, 1),
+                                                                     "plain": round(plain_s, 1)},
+            "max_abs_vs_pytorch": err, "pocketdiff_delegates": ops["delegates"],
+            "pocketdiff_outside_delegates": ops["outside_delegates"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("scale")
+    s.add_argument("--model", default="arch:sd15")
+    s.add_argument("--targets", default="onnx,coreml,executorch")
+    s.add_argument("--components", default="unet,vae_decoder")
+    s.add_argument("--out", type=Path, default=None)
+    o = sub.add_parser("one")
+    o.add_argument("--model", required=True)
+    o.add_argument("--target", required=True)
+    o.add_argument("--component", required=True)
+    o.add_argument("--out", type=Path, required=True)
+    lat = sub.add_parser("latency")
+    lat.add_argument("--model", default="fashion")
+    lat.add_argument("--component", default="unet")
+    lat.add_argument("--batch", type=int, default=2)
+    lat.add_argument("--runs", type=int, default=20)
+    args = p.parse_args()
+    if args.cmd == "one":
+        print(json.dumps(export_one(args.model, args.target, args.component, args.out)))
+    elif args.cmd == "scale":
+        out = args.out or Path(tempfile.mkdtemp(prefix="export-scale-"))
+        scale(args.model, args.targets.split(","), args.components.split(","), out)
+    else:
+        print(json.dumps(latency(args.model, args.component, args.batch, args.runs), indent=1))
+
+
+if __name__ == "__main__":
+    main()
