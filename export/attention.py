@@ -110,10 +110,11 @@ _CORES = {"ort_mha": _ort_mha, "sdpa": _sdpa, "split_einsum": _split_einsum, "so
 class FormProcessor:
     """A diffusers attention processor computing attention in one of `FORMS` (mirrors AttnProcessor)."""
 
-    def __init__(self, form: str, path: str = ""):
+    def __init__(self, form: str, path: str = "", used: set[str] | None = None):
         if form not in FORMS:
             raise ConfigError(f"unknown attention form {form!r}; choose from {', '.join(FORMS)}")
         self.form, self.path, self.core = form, path, _CORES[form]
+        self.used = used if used is not None else set()
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
@@ -122,6 +123,7 @@ class FormProcessor:
             raise UnsupportedOpError(f"attention with a mask (module {self.path}) has no {self.form} form")
         if getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None:
             raise UnsupportedOpError(f"attention with q/k normalisation (module {self.path}) has no {self.form} form")
+        self.used.add(self.path)
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -152,22 +154,26 @@ def attention_modules(module: nn.Module) -> list[tuple[str, Attention]]:
 
 
 @contextmanager
-def attention_form(module: nn.Module, form: str) -> Iterator[int]:
-    """Switch every diffusers Attention in `module` to `form`; yields how many were switched; restores on exit."""
+def attention_form(module: nn.Module, form: str, used: set[str] | None = None) -> Iterator[int]:
+    """Switch every diffusers Attention in `module` to `form`; yields how many were switched; restores on exit.
+
+    `used`, when given, collects the paths of the attention modules that actually run while switched
+    (what an export of the traced forward should contain: a VAE wrapper runs only its decoder's).
+    """
     mods = attention_modules(module)
     saved = [(m, m.processor) for _, m in mods]
     try:
         for path, m in mods:
-            m.set_processor(FormProcessor(form, path))
+            m.set_processor(FormProcessor(form, path, used))
         yield len(mods)
     finally:
         for m, proc in saved:
             m.set_processor(proc)
 
 
-def intended_fused_count(module: nn.Module, form: str) -> int:
-    """How many fused attention ops an export of `module` in `form` should contain."""
-    return len(attention_modules(module)) if form in ("ort_mha", "sdpa") else 0
+def intended_fused_count(used: set[str], form: str) -> int:
+    """How many fused attention ops an export should contain, given the attention modules that ran."""
+    return len(used) if form in ("ort_mha", "sdpa") else 0
 
 
 def count_onnx_fused(model: Any) -> int:

@@ -319,7 +319,8 @@ class OnnxExporter:
         final = root / component / "model.onnx"
         scratch = Path(tempfile.mkdtemp(prefix="onnx-", dir=out))
         try:
-            with attention_form(spec.module, form) as used:
+            used: set[str] = set()
+            with attention_form(spec.module, form, used):
                 trace_to_onnx(spec.module, feeds, spec.input_names, spec.output_names, spec.dynamic_axes,
                               scratch / "model.onnx")
             model = onnx.load(str(scratch / "model.onnx"))

@@ -66,9 +66,10 @@ def test_attention_forms_match_default(tiny, form):
     feeds = example_inputs(tiny, "unet", 2)
     with torch.no_grad():
         ref = spec.module(**feeds)
-        with attention_form(spec.module, form) as used:
+        used = set()
+        with attention_form(spec.module, form, used) as n:
             out = spec.module(**feeds)
-    assert len(used) == 8
+    assert len(used) == n == 8
     assert torch.allclose(ref, out, atol=1e-5)
     assert type(tiny.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.processor).__name__ != "FormProcessor"
 
