@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import platform
 import statistics
@@ -64,6 +65,9 @@ def bench_model(spec: str, calls: int, batch: int, precision: str, winograd: str
         plain16 = work / "plain16" / "model.onnx"
         save_model(to_fp16(onnx.load(str(plain_path)), "timestep"), plain16)
         plain_path = plain16
+    resolution = bundle.resolution
+    del bundle, spec_u
+    gc.collect()
     sessions = {"plain": ort.InferenceSession(str(plain_path), providers=["CPUExecutionProvider"]),
                 "pocketdiff": ort.InferenceSession(str(ours_path), providers=["CPUExecutionProvider"])}
     feeds = {}
@@ -80,7 +84,7 @@ def bench_model(spec: str, calls: int, batch: int, precision: str, winograd: str
             times[name].append(time.perf_counter() - t0)
     diff = float(np.abs(outs["plain"].astype(np.float64) - outs["pocketdiff"]).max())
     med = {n: statistics.median(t) for n, t in times.items()}
-    return {"model": spec, "batch": batch, "resolution": bundle.resolution, "precision": precision,
+    return {"model": spec, "batch": batch, "resolution": resolution, "precision": precision,
             "calls": calls, "median_s": med, "min_s": {n: min(t) for n, t in times.items()},
             "speedup": med["plain"] / med["pocketdiff"],
             "fused_attention": {"plain": count_onnx_fused(plain_path), "pocketdiff": count_onnx_fused(ours_path)},

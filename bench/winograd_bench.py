@@ -104,11 +104,21 @@ def main() -> None:
             print(f"| {rows[-1]['key']} | {where} | {t['direct']:.2f} | {t['f2']:.2f} ({t['direct'] / t['f2']:.2f}x) | "
                   f"{t['f4']:.2f} ({t['direct'] / t['f4']:.2f}x) | {'F' + str(best_m) if best_m else 'direct'} |",
                   flush=True)
-    table = {r["key"]: {k: v for k, v in r.items() if k != "key"} for r in rows}
+    write_table("onnx", rows, header)
+
+
+def write_table(backend: str, rows: list[dict], header: str) -> None:
+    """Replace `backend`'s rows (and how they were measured) in export/winograd_table.py, keeping the others."""
+    try:
+        from pocketdiff.export.winograd_table import SOURCES, TABLE
+    except ImportError:
+        SOURCES, TABLE = {}, {}
+    tables = {**TABLE, backend: {r["key"]: {k: v for k, v in r.items() if k != "key"} for r in rows}}
+    sources = {**SOURCES, backend: header}
     TABLE_FILE.write_text(
-        '"""Winograd per-layer table for onnxruntime CPU, measured by bench/winograd_bench.py (do not edit).\n\n'
-        f"{header}\n"
-        '"""\n\nTABLE: dict[str, dict[str, dict]] = {"onnx": ' + repr(table) + "}\n")
+        '"""Winograd per-layer tables (per backend), measured by bench/winograd_bench.py and\n'
+        'bench/winograd_executorch.py; do not edit, rerun them. SOURCES says how each was measured."""\n\n'
+        f"SOURCES: dict[str, str] = {sources!r}\n\nTABLE: dict[str, dict[str, dict]] = {tables!r}\n")
     print(f"wrote {TABLE_FILE}")
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import torch
 from onnx import helper, numpy_helper
 
 from ..errors import ConfigError
@@ -172,8 +173,6 @@ def choose_m(backend: str, cin: int, cout: int, h: int, w: int, mode: str) -> in
 
 def conv_input_sizes(module: Any, feeds: dict[str, Any]) -> dict[str, tuple[int, int]]:
     """Module path -> input (height, width) of every 3x3 Conv2d, from one forward pass over `feeds`."""
-    import torch
-
     sizes: dict[str, tuple[int, int]] = {}
     hooks = [sub.register_forward_pre_hook(lambda m, a, p=path: _record(sizes, p, a[0]))
              for path, sub in module.named_modules()
@@ -246,3 +245,36 @@ def single_conv_model(cin: int, cout: int, weight: np.ndarray, bias: np.ndarray 
     graph = helper.make_graph([node], "conv", [helper.make_tensor_value_info("x", et, ["N", cin, "H", "W"])],
                               [helper.make_tensor_value_info("y", et, ["N", cout, "H", "W"])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+
+class WinogradConv2d(torch.nn.Module):
+    """A 3x3 stride-1 pad-1 Conv2d computed in Winograd form, in torch ops (torch.export-able).
+
+    The same algorithm as the ONNX rewrite, in aten ops an ExecuTorch/XNNPACK lowering understands:
+    conv2d (input transform), permute, bmm (main product), matmul (output transform), pixel_shuffle.
+    """
+
+    def __init__(self, conv: torch.nn.Conv2d, m: int):
+        super().__init__()
+        w = conv.weight.detach().double().numpy()
+        self.m, self.k = m, w.shape[0]
+        dtype = conv.weight.dtype
+        self.register_buffer("u", torch.from_numpy(transform_weights(w, m)).to(dtype))
+        self.register_buffer("bt", torch.from_numpy(input_transform_kernel(m)).to(dtype))
+        self.register_buffer("at", torch.from_numpy(output_transform(m)).to(dtype))
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        m, a, k = self.m, self.m + 2, self.k
+        th, tw = (h + m - 1) // m, (w + m - 1) // m
+        xp = torch.nn.functional.pad(x, (1, tw * m - w + 1, 1, th * m - h + 1))
+        v = torch.nn.functional.conv2d(xp.reshape(n * c, 1, th * m + 2, tw * m + 2), self.bt, stride=m)
+        v = v.reshape(n, c, a * a, th * tw).permute(2, 1, 0, 3).reshape(a * a, c, n * th * tw)
+        prod = torch.bmm(self.u, v)  # [a^2, K, N*T]
+        y = torch.matmul(self.at, prod.reshape(a * a, k * n * th * tw))  # [m^2, K*N*T]
+        # -> [N, K*m*m, th, tw] with channel k*m*m + r*m + s: pixel_shuffle's order.
+        y = y.reshape(m * m, k, n, th * tw).permute(2, 1, 0, 3).reshape(n, k * m * m, th, tw)
+        y = torch.nn.functional.pixel_shuffle(y, m)[:, :, :h, :w]
+        return y if self.bias is None else y + self.bias.view(1, k, 1, 1)
