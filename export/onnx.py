@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -69,8 +70,6 @@ def trace_to_onnx(module: torch.nn.Module, feeds: dict[str, torch.Tensor], input
 
 
 def _unsupported(module: torch.nn.Module, feeds: dict[str, torch.Tensor], e: Exception) -> UnsupportedOpError:
-    import re
-
     text = str(e)
     match = re.search(r"operator '?([\w:.]+)'?", text) or re.search(r"(aten::\w+)", text)
     op = match.group(1) if match else "unknown op"

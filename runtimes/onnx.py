@@ -7,6 +7,7 @@ so every leaf layer's output can be exposed as a graph output and compared with 
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,10 @@ import torch
 
 from ..errors import CorruptFileError, InputPathError, ShapeError
 from ..export.base import Artifact
+from ..export.winograd import node_scope
 from .base import register_runtime
 
+WINOGRAD_NODE = re.compile(r"/Conv/winograd\d/.*$")
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
 
@@ -106,12 +109,6 @@ class OnnxRuntime:
         return OnnxSession(artifact, folder)
 
 
-def _scope(node_name: str) -> str:
-    """Module path of a TorchScript-exported node name: "/unet/conv_in/Conv" -> "unet.conv_in"."""
-    parts = node_name.strip("/").split("/")
-    return ".".join(parts[:-1])
-
-
 @torch.no_grad()
 def first_diverging_layer(artifact: Artifact, folder: Path, module: torch.nn.Module,
                           feeds: dict[str, torch.Tensor], tolerance: float) -> dict[str, Any] | None:
@@ -121,7 +118,7 @@ def first_diverging_layer(artifact: Artifact, folder: Path, module: torch.nn.Mod
     last_node: dict[str, onnx.NodeProto] = {}
     order: list[str] = []
     for node in model.graph.node:
-        scope = _scope(node.name)
+        scope = node_scope(WINOGRAD_NODE.sub("/Conv", node.name))  # a rewritten conv is still its module
         if scope in leaves and node.op_type not in ("Constant", "Shape", "Cast"):
             if scope not in last_node:
                 order.append(scope)

@@ -133,3 +133,22 @@ def test_static_only_is_never_passed(tiny, exported, tmp_path):
     (t,) = report["targets"]
     assert t["status"] == STATIC and report["passed"] is False and report["failed"] == []
     assert t["components"]["unet"]["status"] == STATIC
+
+
+def test_diverging_layer_found_through_a_winograd_rewrite(tiny, tmp_path):
+    from pocketdiff.export.components import example_inputs, wrap
+    from pocketdiff.runtimes.onnx import first_diverging_layer
+
+    aset = export_bundle(tiny, "arch:tiny", ["onnx"], ExportOptions(components=("unet",), extra={"winograd": "f2"}),
+                         tmp_path / "w")
+    art = aset.find("onnx", "unet")
+    path = tmp_path / "w" / art.path
+    model = onnx.load(str(path))
+    name = "/unet/down_blocks.0/resnets.0/conv1/Conv/winograd2/weights"
+    (init,) = [t for t in model.graph.initializer if t.name == name]
+    w = numpy_helper.to_array(init).copy()
+    w.flat[0] += 0.5
+    init.CopyFrom(numpy_helper.from_array(w, name))
+    onnx.save(model, str(path))
+    found = first_diverging_layer(art, tmp_path / "w", wrap(tiny, "unet").module, example_inputs(tiny, "unet"), 1e-3)
+    assert found["layer"] == "unet.down_blocks.0.resnets.0.conv1"

@@ -127,3 +127,21 @@ def test_auto_mode_follows_the_measured_table(tmp_path):
     fp16 = OnnxExporter().export(bundle, "unet", ExportOptions(components=("unet",), precision="fp16"),
                                  tmp_path / "h")
     assert fp16.details["winograd"]["rewritten"] == {}
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_torch_winograd_module_matches_conv_and_exports(m):
+    from pocketdiff.export.winograd import WinogradConv2d
+
+    torch.manual_seed(m)
+    conv = torch.nn.Conv2d(16, 24, 3, padding=1)
+    x = torch.randn(2, 16, 13, 10)
+    wino = WinogradConv2d(conv, m)
+    with torch.no_grad():
+        exact = torch.nn.functional.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+        magnitude = torch.nn.functional.conv2d(x.double().abs(), conv.weight.double().abs(), padding=1)
+        got = wino(x).double()
+    assert (got - exact).abs().le({2: 8, 4: 64}[m] * EPS[np.float32] * (magnitude + conv.bias.double().abs()
+                                                                          .view(1, -1, 1, 1))).all()
+    ep = torch.export.export(wino, (x,))
+    assert any("bmm" in str(n.target) for n in ep.graph.nodes)
