@@ -167,3 +167,20 @@ def test_cli_export_and_bad_input(tmp_path):
     bad = subprocess.run(run + ["export", "arch:tiny", "--targets", "nope", "--out", str(tmp_path / "e")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown export target" in bad.stderr
+
+
+def test_external_data_past_the_limit(tiny, tmp_path, monkeypatch):
+    import pocketdiff.export.onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 1 << 20)  # pretend 1 MiB is protobuf's 2 GB
+    aset = export_bundle(tiny, "arch:tiny", ["onnx"], ExportOptions(components=("unet",)), tmp_path / "big")
+    art = aset.find("onnx", "unet")
+    folder = tmp_path / "big" / "onnx" / "unet"
+    assert art.details["external_data"] and (folder / "model.onnx_data").stat().st_size > 1 << 20
+    assert (folder / "model.onnx").stat().st_size < 1 << 20
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.onnx", "model.onnx_data"]
+    sess = open_session(art, tmp_path / "big")
+    feeds = example_inputs(tiny, "unet", 1)
+    with torch.no_grad():
+        ref = wrap(tiny, "unet").module(**feeds).numpy()
+    assert np.abs(sess.run({k: v.numpy() for k, v in feeds.items()})["out_sample"] - ref).max() < 1e-4
