@@ -205,10 +205,14 @@ def apply_winograd(model: onnx.ModelProto, backend: str, mode: str, spatial: dic
     if mode == "off":
         return {"mode": mode, "rewritten": {}, "eligible": 0}
     inits = {t.name: t for t in model.graph.initializer}
+    consumers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
     new_nodes: list[onnx.NodeProto] = []
     rewritten: dict[str, int] = {}
     n_eligible = 0
-    for node in model.graph.node:
+    for node in list(model.graph.node):
         if not eligible(node, inits):
             new_nodes.append(node)
             continue
@@ -222,12 +226,12 @@ def apply_winograd(model: onnx.ModelProto, backend: str, mode: str, spatial: dic
         bias = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] else None
         new_nodes.extend(rewrite_conv(model.graph, node, w, bias, m))
         rewritten[node.name] = m
+        for name in node.input[1:]:
+            consumers[name] -= 1
+            if consumers[name] == 0 and name in inits:  # free the 3x3 weights now: SD-size graphs are GBs
+                model.graph.initializer.remove(inits.pop(name))
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
-    used = {i for n in model.graph.node for i in n.input}
-    keep = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
     return {"mode": mode, "rewritten": rewritten, "eligible": n_eligible}
 
 
