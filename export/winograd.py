@@ -196,6 +196,23 @@ def node_scope(name: str) -> str:
     return ".".join(name.strip("/").split("/")[:-1])
 
 
+def scope_index(paths: Any) -> dict[str, str]:
+    """Node scope -> module path, also by suffix: a wrapper that calls `vae.decode` (not `vae(...)`)
+    yields node scopes without the "vae." prefix."""
+    index: dict[str, str] = {}
+    ambiguous: set[str] = set()
+    for path in paths:
+        parts = path.split(".")
+        for i in range(1, len(parts)):
+            suffix = ".".join(parts[i:])
+            if suffix in index and index[suffix] != path:
+                ambiguous.add(suffix)
+            index.setdefault(suffix, path)
+    for suffix in ambiguous:
+        index.pop(suffix, None)
+    return {**index, **{p: p for p in paths}}
+
+
 def apply_winograd(model: onnx.ModelProto, backend: str, mode: str, spatial: dict[str, tuple[int, int]]) -> dict[str, Any]:
     """Rewrite eligible Convs of `model` in place; returns {"mode", "rewritten": {node: m}, "eligible": n}.
 
@@ -204,6 +221,7 @@ def apply_winograd(model: onnx.ModelProto, backend: str, mode: str, spatial: dic
     """
     if mode == "off":
         return {"mode": mode, "rewritten": {}, "eligible": 0}
+    scopes = scope_index(spatial)
     inits = {t.name: t for t in model.graph.initializer}
     consumers: dict[str, int] = {}
     for node in model.graph.node:
@@ -218,7 +236,7 @@ def apply_winograd(model: onnx.ModelProto, backend: str, mode: str, spatial: dic
             continue
         n_eligible += 1
         w = numpy_helper.to_array(inits[node.input[1]])
-        h, wd = spatial.get(node_scope(node.name), (0, 0))
+        h, wd = spatial.get(scopes.get(node_scope(node.name), ""), (0, 0))
         m = choose_m(backend, w.shape[1], w.shape[0], h, wd, mode) if (h or mode != "auto") else None
         if m is None:
             new_nodes.append(node)

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import CorruptFileError, InputPathError, ShapeError
 from ..export.base import Artifact
-from ..export.winograd import node_scope
+from ..export.winograd import node_scope, scope_index
 from .base import register_runtime
 
 WINOGRAD_NODE = re.compile(r"/Conv/winograd\d/.*$")
@@ -115,10 +115,12 @@ def first_diverging_layer(artifact: Artifact, folder: Path, module: torch.nn.Mod
     """The first leaf layer (graph order) whose ONNX output differs from PyTorch's by > tolerance (rel L2)."""
     model = onnx.load(str(Path(folder) / artifact.path))
     leaves = {p: m for p, m in module.named_modules() if not list(m.children()) and p}
+    scopes = scope_index(leaves)
     last_node: dict[str, onnx.NodeProto] = {}
     order: list[str] = []
     for node in model.graph.node:
-        scope = node_scope(WINOGRAD_NODE.sub("/Conv", node.name))  # a rewritten conv is still its module
+        # a Winograd-rewritten conv is still its module; scopes may lack the wrapper's prefix
+        scope = scopes.get(node_scope(WINOGRAD_NODE.sub("/Conv", node.name)), "")
         if scope in leaves and node.op_type not in ("Constant", "Shape", "Cast"):
             if scope not in last_node:
                 order.append(scope)

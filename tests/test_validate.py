@@ -152,3 +152,23 @@ def test_diverging_layer_found_through_a_winograd_rewrite(tiny, tmp_path):
     onnx.save(model, str(path))
     found = first_diverging_layer(art, tmp_path / "w", wrap(tiny, "unet").module, example_inputs(tiny, "unet"), 1e-3)
     assert found["layer"] == "unet.down_blocks.0.resnets.0.conv1"
+
+
+def test_diverging_layer_in_a_wrapper_that_calls_a_method(tiny, exported, tmp_path):
+    """The VAE decoder wrapper calls vae.decode(), so node scopes lack the "vae." prefix."""
+    from pocketdiff.export.components import example_inputs, wrap
+    from pocketdiff.runtimes.onnx import first_diverging_layer
+
+    folder = tmp_path / "v"
+    shutil.copytree(exported, folder)
+    path = folder / "onnx" / "vae_decoder" / "model.onnx"
+    model = onnx.load(str(path))
+    (init,) = [t for t in model.graph.initializer if t.name == "vae.decoder.mid_block.resnets.0.conv2.weight"]
+    w = numpy_helper.to_array(init).copy()
+    w.flat[3] -= 1.0
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    onnx.save(model, str(path))
+    art = ArtifactSet.load(folder).find("onnx", "vae_decoder")
+    found = first_diverging_layer(art, folder, wrap(tiny, "vae_decoder").module,
+                                  example_inputs(tiny, "vae_decoder"), 1e-3)
+    assert found["layer"] == "vae.decoder.mid_block.resnets.0.conv2"
