@@ -79,10 +79,10 @@ def main() -> None:
     torch.set_grad_enabled(False)
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     cpu = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "?")
-    import executorch
+    from importlib.metadata import version
 
     header = (f"{datetime.date.today().isoformat()}, {cpu}, {len(os.sched_getaffinity(0))} cores, executorch "
-              f"{getattr(executorch, '__version__', '?')} (XNNPACK); command: {' '.join(sys.argv)}")
+              f"{version('executorch')} (XNNPACK); command: {' '.join(sys.argv)}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.models:
