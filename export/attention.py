@@ -16,7 +16,6 @@ which restores the original processors afterwards, so exporting never changes th
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -212,7 +211,3 @@ def count_torch_fused(graph_module: Any) -> int:
             n += 1
     return n
 
-
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """Float64 softmax(QK^T/sqrt(d))V: the ground truth the forms are tested against."""
-    return _softmax(q.double(), k.double(), v.double(), heads, 1 / math.sqrt(q.shape[-1] // heads)).to(q.dtype)

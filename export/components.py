@@ -187,7 +187,10 @@ def _text_inputs(bundle: Bundle, batch: int) -> dict[str, torch.Tensor]:
 
 def torch_export_dynamic_shapes(bundle: Bundle, component: str, max_batch: int = 2,
                                 max_resolution: int = 1024) -> dict[str, dict[int, Any]]:
-    """`dynamic_shapes` for torch.export: dynamic batch, and image sides in steps the model accepts."""
+    """`dynamic_shapes` for torch.export: dynamic batch, and image sides in steps the model accepts.
+
+    Trace with an example batch of 2 or more: torch.export specialises a size-1 dimension to 1.
+    """
     spec = wrap(bundle, component)
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     mult = resolution_multiple(bundle)

@@ -184,3 +184,18 @@ def test_external_data_past_the_limit(tiny, tmp_path, monkeypatch):
     with torch.no_grad():
         ref = wrap(tiny, "unet").module(**feeds).numpy()
     assert np.abs(sess.run({k: v.numpy() for k, v in feeds.items()})["out_sample"] - ref).max() < 1e-4
+
+
+def test_torch_export_dynamic_shapes_and_sdpa_count(tiny):
+    from pocketdiff.export.attention import count_torch_fused
+    from pocketdiff.export.components import torch_export_dynamic_shapes
+
+    spec = wrap(tiny, "unet")
+    used = set()
+    with attention_form(spec.module, "sdpa", used):
+        ep = torch.export.export(spec.module, (), kwargs=example_inputs(tiny, "unet", 2), strict=False,
+                                 dynamic_shapes=torch_export_dynamic_shapes(tiny, "unet", max_resolution=64))
+    assert count_torch_fused(ep.graph_module) == len(used) == 8
+    feeds = example_inputs(tiny, "unet", 1, 32)
+    with torch.no_grad():
+        assert torch.allclose(ep.module()(**feeds), spec.module(**feeds), atol=1e-5)
