@@ -67,6 +67,7 @@ class ArtifactSet:
     sampler: dict[str, Any] = field(default_factory=dict)  # scheduler config, scaling_factor, tokenizer dir
 
     def find(self, target: str, component: str) -> Artifact:
+        """The artifact of `component` for `target`; InputPathError naming what the folder has."""
         for a in self.artifacts:
             if a.target == target and a.component == component:
                 return a
@@ -74,11 +75,13 @@ class ArtifactSet:
         raise InputPathError(f"no {target} {component} artifact in this folder (has: {', '.join(have) or 'none'})")
 
     def save(self, folder: Path) -> None:
+        """Write artifacts.json into `folder`, atomically."""
         atomic_write_json(Path(folder) / MANIFEST, {"model": self.model, "sampler": self.sampler,
                                                     "artifacts": [asdict(a) for a in self.artifacts]})
 
     @classmethod
     def load(cls, folder: Path) -> ArtifactSet:
+        """Read a folder's artifacts.json; InputPathError if absent, CorruptFileError if unreadable."""
         path = Path(folder) / MANIFEST
         if not path.is_file():
             raise InputPathError(f"{folder}: not a pocketdiff artifact folder (no {MANIFEST}); "

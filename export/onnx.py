@@ -306,6 +306,7 @@ class OnnxExporter:
     target = "onnx"
 
     def export(self, bundle: Bundle, component: str, options: ExportOptions, out: Path) -> Artifact:
+        """Trace, rewrite (attention, Winograd, fp16 islands), save and describe one component."""
         start = time.perf_counter()
         spec = wrap(bundle, component)
         resolutions = list(options.resolutions) or [bundle.resolution]

@@ -89,11 +89,13 @@ class _Builder:
     nodes: list[onnx.NodeProto]
 
     def const(self, name: str, value: np.ndarray) -> str:
+        """Add an initializer; returns its name."""
         full = f"{self.prefix}/{name}"
         self.graph.initializer.append(numpy_helper.from_array(value, full))
         return full
 
     def op(self, op_type: str, inputs: list[str], name: str, **attrs: Any) -> str:
+        """Add a one-output node; returns its output name."""
         out = f"{self.prefix}/{name}"
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
         return out
