@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -38,8 +39,8 @@ def export_one(model: str, target: str, component: str, out: Path) -> dict:
             "fused_attention": a.details.get("fused_attention")}
 
 
-def scale(model: str, targets: list[str], components: list[str], out: Path) -> list[dict]:
-    """One subprocess per export; wall time and the child's own peak RSS from wait4."""
+def scale(model: str, targets: list[str], components: list[str], out: Path, timeout_s: float) -> list[dict]:
+    """One subprocess per export (killed after `timeout_s`); wall time and the child's peak RSS from wait4."""
     rows = []
     for target in targets:
         for component in components:
@@ -48,13 +49,22 @@ def scale(model: str, targets: list[str], components: list[str], out: Path) -> l
             cmd = [sys.executable, __file__, "one", "--model", model, "--target", target,
                    "--component", component, "--out", str(dest)]
             start = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-            stdout = proc.stdout.read()
-            _, status, usage = os.wait4(proc.pid, 0)
+            log = dest / "export.log"
+            with log.open("w") as sink:
+                proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, text=True)
+                timer = threading.Timer(timeout_s, proc.kill)
+                timer.start()
+                _, status, usage = os.wait4(proc.pid, 0)
+                timer.cancel()
             row = {"target": target, "component": component, "seconds": round(time.perf_counter() - start, 1),
                    "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2), "exit": os.waitstatus_to_exitcode(status)}
-            last = [ln for ln in stdout.splitlines() if ln.startswith("{")]
-            row.update(json.loads(last[-1]) if last and row["exit"] == 0 else {"error": stdout[-300:]})
+            lines = log.read_text(errors="replace").splitlines()
+            last = [ln for ln in lines if ln.startswith("{")]
+            if row["exit"] == 0 and last:
+                row.update(json.loads(last[-1]))
+            else:
+                killed = row["exit"] == -9 and row["seconds"] >= timeout_s
+                row["error"] = f"killed after {timeout_s} s" if killed else " | ".join(lines[-3:])[-400:]
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
@@ -114,6 +124,7 @@ def main() -> None:
     s.add_argument("--targets", default="onnx,coreml,executorch")
     s.add_argument("--components", default="unet,vae_decoder")
     s.add_argument("--out", type=Path, default=None)
+    s.add_argument("--timeout", type=float, default=1800, help="seconds before one export is killed")
     o = sub.add_parser("one")
     o.add_argument("--model", required=True)
     o.add_argument("--target", required=True)
@@ -129,7 +140,7 @@ def main() -> None:
         print(json.dumps(export_one(args.model, args.target, args.component, args.out)))
     elif args.cmd == "scale":
         out = args.out or Path(tempfile.mkdtemp(prefix="export-scale-"))
-        scale(args.model, args.targets.split(","), args.components.split(","), out)
+        scale(args.model, args.targets.split(","), args.components.split(","), out, args.timeout)
     else:
         print(json.dumps(latency(args.model, args.component, args.batch, args.runs), indent=1))
 

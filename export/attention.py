@@ -16,7 +16,6 @@ which restores the original processors afterwards, so exporting never changes th
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -186,21 +185,10 @@ def count_onnx_fused(model: Any) -> int:
 
 def count_coreml_fused(mlpackage: str | Path) -> int:
     """scaled_dot_product_attention ops in a Core ML ML Program (no model load, works on Linux)."""
-    import coremltools as ct
+    from .coreml import op_counts
 
-    spec = ct.models.MLModel(str(mlpackage), skip_model_load=True).get_spec()
-    counts: Counter[str] = Counter()
-
-    def walk(block: Any) -> None:
-        for op in block.operations:
-            counts[op.type] += 1
-            for b in op.blocks:
-                walk(b)
-
-    for fn in spec.mlProgram.functions.values():
-        for block in fn.block_specializations.values():
-            walk(block)
-    return sum(counts[o] for o in COREML_FUSED_OPS)
+    counts = op_counts(Path(mlpackage))
+    return sum(counts.get(o, 0) for o in COREML_FUSED_OPS)
 
 
 def count_torch_fused(graph_module: Any) -> int:

@@ -137,6 +137,14 @@ def check_resolution(bundle: Bundle, resolution: int) -> tuple[int, int]:
     return latent_shape(bundle, resolution, resolution)
 
 
+def export_resolutions(bundle: Bundle, requested: tuple[int, ...]) -> list[int]:
+    """The image sides to export for (`requested`, else the model's native one), each checked."""
+    sides = list(requested) or [bundle.resolution]
+    for side in sides:
+        check_resolution(bundle, side)
+    return sides
+
+
 def example_inputs(bundle: Bundle, component: str, batch: int = 1, resolution: int | None = None,
                    dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:
     """Seeded inputs of the right names, shapes and dtypes for one (batch, resolution, dtype)."""

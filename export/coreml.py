@@ -36,7 +36,7 @@ from ..errors import ConfigError, UnsupportedOpError
 from ..fileio import atomic_write_bytes, atomic_write_json
 from .attention import FormProcessor, attention_form, attention_modules, choose_form, count_coreml_fused
 from .base import Artifact, ExportOptions, register_exporter
-from .components import check_resolution, example_inputs, locate_op, resolution_multiple, wrap
+from .components import example_inputs, export_resolutions, locate_op, resolution_multiple, wrap
 from .executorch import rewrite_norms
 
 COREML_DIR = "coreml"
@@ -178,9 +178,7 @@ class CoremlExporter:
         start = time.perf_counter()
         target = deployment_target(options)
         spec = wrap(bundle, component)
-        resolutions = list(options.resolutions) or [bundle.resolution]
-        for r in resolutions:
-            check_resolution(bundle, r)
+        resolutions = export_resolutions(bundle, options.resolutions)
         fixed_batch = None if target == "iOS18" else max(options.batch_sizes)
         batches = list(options.batch_sizes) if fixed_batch is None else [fixed_batch]
         combos = [(b, r) for b in batches for r in (resolutions if component != "text_encoder" else resolutions[:1])]

@@ -28,7 +28,7 @@ from ..errors import ConfigError, UnsupportedOpError, UserError
 from ..fileio import atomic_write_bytes
 from .attention import attention_form, attention_modules
 from .base import Artifact, ExportOptions, register_exporter
-from .components import check_resolution, example_inputs, resolution_multiple, wrap
+from .components import example_inputs, export_resolutions, resolution_multiple, wrap
 
 ATTENTION_FORM = "softmax"
 PTE_DIR = "executorch"
@@ -244,9 +244,7 @@ class ExecutorchExporter:
     def export(self, bundle: Bundle, component: str, options: ExportOptions, out: Path) -> Artifact:
         start = time.perf_counter()
         spec = wrap(bundle, component)
-        resolutions = list(options.resolutions) or [bundle.resolution]
-        for r in resolutions:
-            check_resolution(bundle, r)
+        resolutions = export_resolutions(bundle, options.resolutions)
         dtype = torch.float16 if options.precision == "fp16" else torch.float32
         module = spec.module if dtype == torch.float32 else copy.deepcopy(spec.module).to(dtype)
         per_method: dict[str, dict[str, torch.Tensor]] = {}

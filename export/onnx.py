@@ -29,7 +29,7 @@ from ..fileio import atomic_write_json
 from .attention import attention_form, choose_form, count_onnx_fused, intended_fused_count
 from .base import Artifact, ExportOptions, register_exporter
 from .winograd import apply_winograd, conv_input_sizes
-from .components import check_resolution, example_inputs, locate_op, resolution_multiple, wrap
+from .components import example_inputs, export_resolutions, locate_op, resolution_multiple, wrap
 
 OPSET = 18
 PROTOBUF_LIMIT = 2 * 1024 ** 3
@@ -309,9 +309,7 @@ class OnnxExporter:
         """Trace, rewrite (attention, Winograd, fp16 islands), save and describe one component."""
         start = time.perf_counter()
         spec = wrap(bundle, component)
-        resolutions = list(options.resolutions) or [bundle.resolution]
-        for r in resolutions:
-            check_resolution(bundle, r)
+        resolutions = export_resolutions(bundle, options.resolutions)
         feeds = example_inputs(bundle, component, options.batch_sizes[0], resolutions[0])
         form = choose_form("onnx")
         root = out / "onnx"

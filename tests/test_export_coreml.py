@@ -16,11 +16,6 @@ from pocketdiff.zoo import build_arch
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return build_arch("tiny", seed=3)
-
-
-@pytest.fixture(scope="module")
 def ios18(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("cm") / "a18"
     opts = ExportOptions(components=("text_encoder", "unet", "vae_decoder"), batch_sizes=(1, 2), resolutions=(16, 24),

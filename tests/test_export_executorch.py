@@ -11,12 +11,6 @@ from pocketdiff.errors import CorruptFileError, InputPathError, ShapeError, Unsu
 from pocketdiff.export.base import ArtifactSet, ExportOptions, export_bundle
 from pocketdiff.export.components import example_inputs, wrap
 from pocketdiff.runtimes.base import open_session
-from pocketdiff.zoo import build_arch
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return build_arch("tiny", seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,6 @@ ALL = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return build_arch("tiny", seed=3)
-
-
-@pytest.fixture(scope="module")
 def fp32_dir(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("x") / "art"
     export_bundle(tiny, "arch:tiny", ["onnx"], ExportOptions(components=ALL, resolutions=(16, 24)), out)

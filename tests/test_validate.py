@@ -18,12 +18,13 @@ from pocketdiff.runtimes.harness import STATIC, ValidateConfig, raise_on_failure
 from pocketdiff.zoo import build_arch
 
 CONFIG = ValidateConfig(steps=4)
-CORRUPT = "unet.down_blocks.0.resnets.0.conv1.weight"
 
 
 @pytest.fixture(scope="module")
 def tiny():
+    """Seed 0: `validate` without --model rebuilds the recorded `arch:tiny`, which means seed 0."""
     return build_arch("tiny", seed=0)
+CORRUPT = "unet.down_blocks.0.resnets.0.conv1.weight"
 
 
 @pytest.fixture(scope="module")
