@@ -40,11 +40,13 @@ class Manifest:
     content_hash: str | None = None
 
     def to_json(self) -> dict[str, Any]:
+        """The pocketdiff.json contents."""
         return {"pocketdiff_version": __version__, "source": self.source, "passes": self.passes,
                 "metrics": self.metrics, "content_hash": self.content_hash}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Manifest:
+        """A Manifest from pocketdiff.json contents (missing keys default to empty)."""
         return cls(source=data.get("source", {}), passes=list(data.get("passes", [])),
                    metrics=dict(data.get("metrics", {})), content_hash=data.get("content_hash"))
 

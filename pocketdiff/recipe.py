@@ -85,6 +85,7 @@ class Stage:
     settings: Any
 
     def settings_dict(self) -> dict[str, Any]:
+        """The settings as plain data (for manifests and cache keys)."""
         return dataclasses.asdict(self.settings)
 
 

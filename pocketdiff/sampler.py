@@ -23,11 +23,17 @@ from .schedulers import check_steps, make_scheduler
 class Components(Protocol):
     """What the sampling loop needs from a model, whichever runtime computes it."""
 
-    def encode(self, prompts: list[str]) -> torch.Tensor: ...
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """Text-encoder states [N, 77, D] for the prompts."""
+        ...
 
-    def predict(self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor: ...
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The U-Net's output for latents at timestep t under the text states `context` (fp32)."""
+        ...
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from scaled latents (fp32)."""
+        ...
 
 
 @torch.no_grad()

@@ -27,9 +27,12 @@ class Session(Protocol):
 
 
 class Runtime(Protocol):
+    """Loads the artifacts of one export target."""
+
     target: ClassVar[str]
 
     def open(self, artifact: Artifact, folder: Path) -> Session:
+        """A Session for `artifact`, whose files lie under the artifact folder `folder`."""
         ...
 
 
