@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -10,9 +11,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _tracked_copy(dest: Path) -> Path:
+    """The tracked files as they are in the working tree: setuptools builds inside the source folder
+    (build/), so building from the checkout itself would leave state there and could package stale files."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, files.decode().split("\0")):
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    return dest
+
+
 def test_wheel_installs_and_runs(tmp_path):
+    source = _tracked_copy(tmp_path / "src")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path / "dist"), str(ROOT)], check=True, capture_output=True)
+                    "-w", str(tmp_path / "dist"), str(source)], check=True, capture_output=True)
     wheel = next((tmp_path / "dist").glob("pocketdiff-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for expected in ("pocketdiff/cli.py", "pocketdiff/export/base.py", "pocketdiff/runtimes/base.py",
