@@ -1,5 +1,5 @@
 """Teacher quality on the Fashion-MNIST yardstick: the headline figure, the real-data floor, and
-the training-free baseline table (FID / prompt accuracy per scheduler and step count).
+the autoencoder floor (real images through the VAE), the training-free baseline table (FID / prompt accuracy per scheduler and step count).
 
 Writes JSON (updated after every section, so a cut-off run keeps what it finished) and a grid PNG.
 Usage (GPU host, captions precomputed here because MiniLM's weights do not travel):
@@ -17,7 +17,7 @@ import torch
 
 from pocketdiff.bundle import Bundle
 from pocketdiff.data import CLASSES, class_prompts
-from pocketdiff.evaluate import Yardstick, evaluate, real_images
+from pocketdiff.evaluate import Yardstick, autoencoder_floor, evaluate, real_images
 from pocketdiff.fileio import atomic_write_json
 from pocketdiff.metrics.classifier import prompt_accuracy
 from pocketdiff.sampler import CachedTextComponents, SampleConfig, TorchComponents, generate, to_pil
@@ -64,12 +64,14 @@ def main() -> None:
                                                          torch.as_tensor(test_y))
     n_floor = args.reference_samples or 10_000
     report["floor"] = {"what": f"real train (first {n_floor}) vs real test", **yard.score(real_images("train", n_floor, args.data))}
-    print("floor", report["floor"], "classifier", report["classifier_test_accuracy"], flush=True)
+    report["vae_floor"] = autoencoder_floor(bundle, yard, n_floor, args.data)
+    print("floor", report["floor"], "vae floor", report["vae_floor"], "classifier", report["classifier_test_accuracy"],
+          flush=True)
     save()
 
     report["guidance_sweep"] = []
     for g in args.guidance:
-        r = evaluate(bundle, yard, args.sweep_samples, SampleConfig(steps=25, scheduler="ddim", guidance_scale=g,
+        r = evaluate(bundle, yard, args.sweep_samples, SampleConfig(steps=50, scheduler="ddim", guidance_scale=g,
                      batch_size=args.batch_size), components, progress=False)
         report["guidance_sweep"].append(r)
         print("sweep", g, r, flush=True)
@@ -101,7 +103,7 @@ def main() -> None:
             report["table"].append(r)
             print("table", sched, steps, round(r["fid"], 2), round(r["prompt_accuracy"], 4), flush=True)
             save()
-    print(json.dumps({k: report[k] for k in ("floor", "headline")}, indent=1))
+    print(json.dumps({k: report[k] for k in ("floor", "vae_floor", "headline")}, indent=1))
 
 
 if __name__ == "__main__":

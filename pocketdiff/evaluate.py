@@ -86,6 +86,22 @@ def floor(yardstick: Yardstick, n: int, data_root: Path | None = None) -> dict:
             "what": f"real train (first {n}) vs real test"}
 
 
+@torch.no_grad()
+def autoencoder_floor(bundle: Bundle, yardstick: Yardstick, n: int, data_root: Path | None = None,
+                      batch: int = 500) -> dict:
+    """FID/KID of `n` real train images passed through the bundle's VAE (encode, decode) against the
+    reference: the best the latent model can score, since every sample goes through that decoder."""
+    vae = bundle.vae
+    param = next(vae.parameters())
+    images = real_images("train", n, data_root)
+    out = []
+    for i in range(0, n, batch):
+        x = images[i:i + batch].to(param.device, param.dtype) * 2 - 1
+        out.append(((vae.decode(vae.encode(x).latent_dist.mean).sample.float() + 1) / 2).clamp(0, 1).cpu())
+    result = yardstick.score(torch.cat(out))
+    return {**result, "what": f"real train (first {n}) through the VAE vs real test"}
+
+
 def agreement(bundle: Bundle, reference: Bundle, n: int, config: SampleConfig, progress: bool = True) -> dict:
     """PSNR and SSIM of `bundle`'s images against `reference`'s for the same prompts and seeds."""
     prompts, _ = class_prompts(max(1, n // 10))

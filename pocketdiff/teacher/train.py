@@ -134,7 +134,8 @@ def train_unet(mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor, stat
     if init is not None:
         unet.load_state_dict(diffusers.UNet2DConditionModel.from_pretrained(Path(init) / "unet").float().state_dict())
     unet = unet.to(device)
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4)
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4,
+                   foreach=device.type == "cuda")  # one fused update instead of ~400 small kernels a step
     sched = diffusers.DDPMScheduler.from_config(SCHEDULER)
     alphas = sched.alphas_cumprod.to(device)
     snr = alphas / (1 - alphas)
