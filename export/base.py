@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Protocol
 from ..bundle import Bundle
 from ..errors import CorruptFileError, InputPathError, UserError
 from ..fileio import atomic_write_json
+from ..registry import Registry
 
 MANIFEST = "artifacts.json"
 COMPONENT_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
@@ -103,27 +104,9 @@ class Exporter(Protocol):
         ...
 
 
-_EXPORTERS: dict[str, type] = {}
-
-
-def register_exporter(cls: type) -> type:
-    """Class decorator: make an exporter available under `cls.target`."""
-    if cls.target in _EXPORTERS:
-        raise ValueError(f"exporter {cls.target!r} registered twice")
-    _EXPORTERS[cls.target] = cls
-    return cls
-
-
-def get_exporter(target: str) -> Exporter:
-    """An instance of the exporter for `target`."""
-    if target not in _EXPORTERS:
-        raise UserError(f"unknown export target {target!r}; available: {', '.join(sorted(_EXPORTERS)) or 'none'}")
-    return _EXPORTERS[target]()
-
-
-def exporter_names() -> list[str]:
-    """Every registered export target."""
-    return sorted(_EXPORTERS)
+EXPORTERS: Registry[Exporter] = Registry("target", UserError, lambda name: f"unknown export target {name!r}")
+register_exporter = EXPORTERS.register
+get_exporter = EXPORTERS.create
 
 
 # Backends that register themselves on import: each name is a module in export/ (its exporter) and,

@@ -16,8 +16,7 @@ from typing import Any, ClassVar, Protocol
 
 from .bundle import Bundle
 from .errors import RecipeError
-
-_PASSES: dict[str, type[Pass]] = {}
+from .registry import Registry
 
 
 class Pass(Protocol):
@@ -31,30 +30,13 @@ class Pass(Protocol):
         ...
 
 
-def register_pass(cls: type) -> type:
-    """Class decorator: make a pass available to recipes under `cls.name`."""
-    if cls.name in _PASSES:
-        raise ValueError(f"pass {cls.name!r} registered twice")
-    _PASSES[cls.name] = cls
-    return cls
-
-
-def pass_names() -> list[str]:
-    """Names of every registered pass."""
-    _load_builtin_passes()
-    return sorted(_PASSES)
-
-
-def get_pass(name: str) -> Pass:
-    """An instance of the pass registered as `name`."""
-    _load_builtin_passes()
-    if name not in _PASSES:
-        raise RecipeError(f"unknown pass {name!r}; available: {', '.join(sorted(_PASSES)) or 'none'}")
-    return _PASSES[name]()
-
-
 def _load_builtin_passes() -> None:
     from . import passes  # noqa: F401  (registers on import)
+
+
+PASSES: Registry[Pass] = Registry("name", RecipeError, lambda name: f"unknown pass {name!r}", load=_load_builtin_passes)
+register_pass = PASSES.register
+get_pass = PASSES.create
 
 
 def parse_settings(pass_name: str, raw: dict[str, Any]) -> Any:

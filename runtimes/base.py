@@ -13,7 +13,8 @@ from typing import ClassVar, Protocol
 import numpy as np
 
 from ..errors import UserError
-from ..export.base import Artifact
+from ..export.base import Artifact, load_builtins
+from ..registry import Registry
 
 
 class Session(Protocol):
@@ -36,23 +37,11 @@ class Runtime(Protocol):
         ...
 
 
-_RUNTIMES: dict[str, type] = {}
-
-
-def register_runtime(cls: type) -> type:
-    """Class decorator: make a runtime adapter available for artifacts of `cls.target`."""
-    if cls.target in _RUNTIMES:
-        raise ValueError(f"runtime {cls.target!r} registered twice")
-    _RUNTIMES[cls.target] = cls
-    return cls
+RUNTIMES: Registry[Runtime] = Registry("target", UserError, lambda name: f"no runtime adapter for {name!r} artifacts",
+                                       load=load_builtins)
+register_runtime = RUNTIMES.register
 
 
 def open_session(artifact: Artifact, folder: Path) -> Session:
     """Load `artifact` (from the artifact folder `folder`) in the runtime registered for its target."""
-    from ..export.base import load_builtins
-
-    load_builtins()
-    if artifact.target not in _RUNTIMES:
-        raise UserError(f"no runtime adapter for {artifact.target!r} artifacts; "
-                        f"available: {', '.join(sorted(_RUNTIMES)) or 'none'}")
-    return _RUNTIMES[artifact.target]().open(artifact, Path(folder))
+    return RUNTIMES.create(artifact.target).open(artifact, Path(folder))

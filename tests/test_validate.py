@@ -126,11 +126,11 @@ def test_static_only_is_never_passed(tiny, exported, tmp_path):
     aset.artifacts.append(Artifact(target="static-test", component="unet", path="onnx/unet/model.onnx",
                                    precision="fp16", inputs={}, outputs={}))
     aset.save(folder)
-    runtimes_base._RUNTIMES.setdefault("static-test", _StaticRuntime)
+    runtimes_base.RUNTIMES.register(_StaticRuntime)
     try:
         report = validate(folder, bundle=tiny, targets=["static-test"], config=CONFIG)
     finally:
-        runtimes_base._RUNTIMES.pop("static-test", None)
+        runtimes_base.RUNTIMES.unregister("static-test")
     (t,) = report["targets"]
     assert t["status"] == STATIC and report["passed"] is False and report["failed"] == []
     assert t["components"]["unet"]["status"] == STATIC
