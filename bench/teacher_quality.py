@@ -40,11 +40,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 25, 50])
     ap.add_argument("--schedulers", nargs="+", default=["ddim", "dpmsolver++", "euler"])
     ap.add_argument("--batch-size", type=int, default=1000)
+    ap.add_argument("--unet-dtype", choices=["fp16", "bf16", "fp32"], default="fp16",
+                    help="U-Net and VAE dtype when sampling on a GPU (fp16: as the weights ship)")
     ap.add_argument("--reference-samples", type=int, default=None, help="real images per side (default: all 10,000)")
     args = ap.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.unet_dtype] \
+        if device == "cuda" else torch.float32
     torch.backends.cuda.matmul.allow_tf32 = False  # Inception in true fp32
     bundle = Bundle.load(args.model) if Path(args.model).is_dir() else load_model(args.model)
     bundle.to(device, dtype)
