@@ -4,6 +4,7 @@
         one subprocess per (target, component): export seconds, peak RSS (wait4), artifact bytes
     python bench/export_scale.py latency --model fashion --component unet
         pocketdiff's ExecuTorch lowering vs a plain XNNPACK lowering, same model, same run; ratio printed
+        (each lowering in its own process: `lower`)
 """
 
 from __future__ import annotations
@@ -70,20 +71,21 @@ def scale(model: str, targets: list[str], components: list[str], out: Path, time
     return rows
 
 
-def _time_method(method, inputs: list[torch.Tensor], runs: int) -> float:
-    method.execute(inputs)
-    times = []
+def _time_interleaved(methods: dict, inputs: list[torch.Tensor], runs: int) -> dict[str, float]:
+    """Median seconds per call of each method, calls interleaved so machine noise hits all alike."""
+    for m in methods.values():
+        m.execute(inputs)
+    times: dict[str, list[float]] = {k: [] for k in methods}
     for _ in range(runs):
-        t = time.perf_counter()
-        method.execute(inputs)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+        for k, m in methods.items():
+            t = time.perf_counter()
+            m.execute(inputs)
+            times[k].append(time.perf_counter() - t)
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
-def latency(model: str, component: str, batch: int, runs: int) -> dict:
-    """Median call latency of pocketdiff's lowering and of a plain XNNPACK lowering, same inputs, same run."""
-    from executorch.runtime import Runtime
-
+def lower_one(model: str, component: str, batch: int, which: str, out: Path) -> dict:
+    """Lower one component with pocketdiff's or the plain XNNPACK lowering (inside its own process) to `out`."""
     from pocketdiff.export.components import example_inputs, wrap
     from pocketdiff.export.executorch import method_name, plain_xnnpack_lowering, pocketdiff_lowering
     from pocketdiff.sources import load_model
@@ -92,28 +94,57 @@ def latency(model: str, component: str, batch: int, runs: int) -> dict:
     spec = wrap(bundle, component)
     feeds = example_inputs(bundle, component, batch)
     t = time.perf_counter()
-    ours, details = pocketdiff_lowering(spec.module, {method_name(feeds): feeds}, component)
-    ours_s = time.perf_counter() - t
-    t = time.perf_counter()
-    plain = plain_xnnpack_lowering(spec.module, feeds)
-    plain_s = time.perf_counter() - t
-    rt = Runtime.get()
+    if which == "pocketdiff":
+        data, details = pocketdiff_lowering(spec.module, {method_name(feeds): feeds}, component)
+        ops = details["ops"][method_name(feeds)]
+    else:
+        data, ops = plain_xnnpack_lowering(spec.module, feeds), {}
+    seconds = time.perf_counter() - t
+    out.write_bytes(data)
+    return {"which": which, "method": method_name(feeds) if which == "pocketdiff" else "forward",
+            "lowering_s": round(seconds, 1), "ops": ops}
+
+
+def latency(model: str, component: str, batch: int, runs: int) -> dict:
+    """Median call latency of pocketdiff's lowering and of a plain XNNPACK lowering, same inputs, same run.
+    Each lowering runs in its own process (at SD1.5 scale one lowering peaks near 15 GiB); this process
+    then loads both programs from disk and times them interleaved."""
+    from executorch.runtime import Runtime
+
+    from pocketdiff.export.components import example_inputs, wrap
+    from pocketdiff.sources import load_model
+
+    work = Path(tempfile.mkdtemp(prefix="et-latency-"))
+    lowered = {}
+    for which in ("pocketdiff", "plain"):
+        cmd = [sys.executable, __file__, "lower", "--model", model, "--component", component, "--batch", str(batch),
+               "--which", which, "--out", str(work / f"{which}.pte")]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        last = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode != 0 or not last:
+            raise SystemExit(f"{which} lowering failed (exit {proc.returncode}): {proc.stderr[-800:]}")
+        lowered[which] = json.loads(last[-1])
+    bundle = load_model(model)
+    spec = wrap(bundle, component)
+    feeds = example_inputs(bundle, component, batch)
     inputs = list(feeds.values())
     with torch.no_grad():
         ref = spec.module(**feeds)
-    m_ours = rt.load_program(ours).load_method(method_name(feeds))
-    m_plain = rt.load_program(plain).load_method("forward")
-    err = {k: float((m.execute(inputs)[0] - ref).abs().max()) for k, m in (("ours", m_ours), ("plain", m_plain))}
-    lat_plain = _time_method(m_plain, inputs, runs)
-    lat_ours = _time_method(m_ours, inputs, runs)
-    ops = details["ops"][method_name(feeds)]
+    del bundle, spec
+    rt = Runtime.get()
+    methods = {w: rt.load_program(work / f"{w}.pte").load_method(lowered[w]["method"]) for w in lowered}
+    err = {k: float((m.execute(inputs)[0] - ref).abs().max()) for k, m in methods.items()}
+    lat = _time_interleaved(methods, inputs, runs)
+    for f in work.iterdir():
+        f.unlink()
+    work.rmdir()
     return {"model": model, "component": component, "batch": batch, "shape": list(inputs[0].shape),
             "threads": torch.get_num_threads(), "runs": runs,
-            "plain_ms": round(lat_plain * 1e3, 2), "pocketdiff_ms": round(lat_ours * 1e3, 2),
-            "speedup": round(lat_plain / lat_ours, 3), "lowering_s": {"pocketdiff": round(ours_s, 1),
-                                                                     "plain": round(plain_s, 1)},
-            "max_abs_vs_pytorch": err, "pocketdiff_delegates": ops["delegates"],
-            "pocketdiff_outside_delegates": ops["outside_delegates"]}
+            "plain_ms": round(lat["plain"] * 1e3, 2), "pocketdiff_ms": round(lat["pocketdiff"] * 1e3, 2),
+            "speedup": round(lat["plain"] / lat["pocketdiff"], 3),
+            "lowering_s": {w: lowered[w]["lowering_s"] for w in lowered}, "max_abs_vs_pytorch": err,
+            "pocketdiff_delegates": lowered["pocketdiff"]["ops"]["delegates"],
+            "pocketdiff_outside_delegates": lowered["pocketdiff"]["ops"]["outside_delegates"]}
 
 
 def main() -> None:
@@ -135,8 +166,16 @@ def main() -> None:
     lat.add_argument("--component", default="unet")
     lat.add_argument("--batch", type=int, default=2)
     lat.add_argument("--runs", type=int, default=20)
+    low = sub.add_parser("lower")
+    low.add_argument("--model", required=True)
+    low.add_argument("--component", required=True)
+    low.add_argument("--batch", type=int, required=True)
+    low.add_argument("--which", choices=["pocketdiff", "plain"], required=True)
+    low.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
-    if args.cmd == "one":
+    if args.cmd == "lower":
+        print(json.dumps(lower_one(args.model, args.component, args.batch, args.which, args.out)))
+    elif args.cmd == "one":
         print(json.dumps(export_one(args.model, args.target, args.component, args.out)))
     elif args.cmd == "scale":
         out = args.out or Path(tempfile.mkdtemp(prefix="export-scale-"))

@@ -166,6 +166,33 @@ def write_tokenizer(bundle: Bundle, root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if not p.name.endswith(".mlpackage"))
 
 
+def register_missing_torch_ops() -> None:
+    """Teach coremltools' TorchScript frontend ops it lacks: `new_ones` (transformers' bidirectional
+    mask builds `q_idx.new_ones((), dtype=torch.bool)`, so BERT-style encoders such as MiniLM need it)."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.torch.ops import _get_inputs
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY, register_torch_op
+    from coremltools.converters.mil.frontend.torch.utils import NUM_TO_NUMPY_DTYPE
+
+    if "new_ones" in _TORCH_OPS_REGISTRY:
+        return
+
+    @register_torch_op
+    def new_ones(context: Any, node: Any) -> None:
+        inputs = _get_inputs(context, node)
+        code = inputs[2].val if len(inputs) > 2 and inputs[2] is not None else None
+        dtype = np.dtype(NUM_TO_NUMPY_DTYPE[int(code)]) if code is not None else np.dtype(np.float32)
+        if dtype.kind in "iu":
+            dtype = np.dtype(np.int32)  # Core ML's fill holds fp16, fp32, int32 or bool
+        size = inputs[1]
+        static = ([v.val for v in size] if isinstance(size, list) else size.val)
+        if static is not None and all(v is not None for v in np.atleast_1d(static)):
+            context.add(mb.const(val=np.ones(tuple(int(v) for v in np.atleast_1d(static)), dtype=dtype), name=node.name))
+            return
+        shape = mb.concat(values=size, axis=0) if isinstance(size, list) else size
+        context.add(mb.fill(shape=shape, value=dtype.type(1), name=node.name))
+
+
 @register_exporter
 class CoremlExporter:
     """Target "coreml": `coreml/<Package>.mlpackage`, mlprogram, fp16 compute."""
@@ -176,6 +203,7 @@ class CoremlExporter:
         import coremltools as ct
 
         start = time.perf_counter()
+        register_missing_torch_ops()
         target = deployment_target(options)
         spec = wrap(bundle, component)
         resolutions = export_resolutions(bundle, options.resolutions)

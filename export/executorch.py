@@ -195,13 +195,13 @@ def lower(programs: dict[str, Any], component: str, partitioners: list[Any]) -> 
     return program.buffer, counts
 
 
-def xnnpack_partitioners(precision: str) -> list[Any]:
-    """The XNNPACK partitioner for fp32 or fp16 graphs."""
+def xnnpack_partitioners() -> list[Any]:
+    """The XNNPACK partitioner for float graphs: its FP32 precision class takes fp32 and fp16 nodes alike
+    (the graph's dtype decides; there is no separate FP16 class)."""
     from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
-    kind = ConfigPrecisionType.FP16 if precision == "fp16" else ConfigPrecisionType.FP32
-    return [XnnpackPartitioner(config_precisions=kind)]
+    return [XnnpackPartitioner(config_precisions=ConfigPrecisionType.FP32)]
 
 
 def prepare(module: nn.Module) -> tuple[nn.Module, int]:
@@ -209,13 +209,14 @@ def prepare(module: nn.Module) -> tuple[nn.Module, int]:
     return rewrite_norms(module)
 
 
-def pocketdiff_lowering(module: nn.Module, inputs: dict[str, dict[str, torch.Tensor]], component: str = "module",
-                        precision: str = "fp32") -> tuple[bytes, dict[str, Any]]:
-    """pocketdiff's XNNPACK lowering of `module` for the given per-method inputs."""
+def pocketdiff_lowering(module: nn.Module, inputs: dict[str, dict[str, torch.Tensor]],
+                        component: str = "module") -> tuple[bytes, dict[str, Any]]:
+    """pocketdiff's XNNPACK lowering of `module` (fp32 or fp16, as its weights and inputs are) for the
+    given per-method inputs."""
     prepared, rewritten = prepare(module)
     with attention_form(prepared, ATTENTION_FORM):
         programs = export_programs(prepared, inputs, component)
-    data, counts = lower(programs, component, xnnpack_partitioners(precision))
+    data, counts = lower(programs, component, xnnpack_partitioners())
     return data, {"norms_rewritten": rewritten, "attention_form": ATTENTION_FORM, "ops": counts}
 
 
@@ -252,7 +253,7 @@ class ExecutorchExporter:
             for r in (resolutions if component != "text_encoder" else resolutions[:1]):
                 feeds = example_inputs(bundle, component, b, r, dtype=dtype)
                 per_method.setdefault(method_name(feeds), feeds)
-        data, details = pocketdiff_lowering(module, per_method, component, options.precision)
+        data, details = pocketdiff_lowering(module, per_method, component)
         final = out / PTE_DIR / f"{component}.pte"
         atomic_write_bytes(final, data)
         with torch.no_grad():
