@@ -122,3 +122,15 @@ def test_unsupported_op_names_op_and_module(tiny, tmp_path):
     bundle.vae.decoder.conv_act = _Erfinv()
     with pytest.raises(UnsupportedOpError, match=r"erfinv.*module vae\.decoder\.conv_act"):
         cm.CoremlExporter().export(bundle, "vae_decoder", ExportOptions(), tmp_path)
+
+
+def test_bert_style_text_encoder_converts(tmp_path):
+    """The built-in model's MiniLM encoder builds its mask with `new_ones`, which coremltools lacks."""
+    from pocketdiff.sources import load_model
+
+    bundle = load_model("fashion")
+    a = cm.CoremlExporter().export(bundle, "text_encoder", ExportOptions(components=("text_encoder",)), tmp_path)
+    spec = ct.utils.load_spec(str(tmp_path / a.path))
+    assert a.path == "coreml/TextEncoder.mlpackage"
+    assert [i.name for i in spec.description.input] == ["input_ids", "attention_mask"]
+    assert a.details["ops"].get("gelu", 0) == bundle.text_encoder.config.num_hidden_layers

@@ -112,3 +112,15 @@ class _Toy(nn.Module):
 def test_unsupported_op_names_op_and_module():
     with pytest.raises(UnsupportedOpError, match=r"linalg_inv.*module head\.0"):
         et_export.pocketdiff_lowering(_Toy().eval(), {"b1": {"x": torch.randn(1, 4, 4)}}, "toy")
+
+
+def test_fp16_program_is_delegated_and_close(tiny, tmp_path):
+    aset = export_bundle(tiny, "arch:tiny", ["executorch"],
+                         ExportOptions(components=("unet",), batch_sizes=(1,), precision="fp16"), tmp_path / "a")
+    artifact = aset.find("executorch", "unet")
+    assert artifact.precision == "fp16" and artifact.inputs["sample"]["dtype"] == "float16"
+    ops = artifact.details["ops"]["b1_8x8"]
+    assert ops["delegates"] >= 1
+    assert not any("convolution" in k or "addmm" in k or "bmm" in k for k in ops["outside_delegates"]), ops
+    max_abs, rel_l2 = _parity(tiny, aset, tmp_path / "a", "unet", 1)
+    assert rel_l2 < 5e-3, (max_abs, rel_l2)  # fp16 rounding, not a wrong graph (fp32 parity is 1e-5)
