@@ -33,6 +33,8 @@ def _export(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--batch-sizes", type=_ints, default=(1, 2), help="batch sizes to export and validate for")
     p.add_argument("--resolutions", type=_ints, default=(), help="image sides in pixels (default: native)")
     p.add_argument("--deployment-target", default="iOS18", help="Core ML: iOS16, iOS17 or iOS18")
+    p.add_argument("--executorch-delegate", choices=["xnnpack", "coreml"], default="xnnpack",
+                   help="ExecuTorch: XNNPACK (CPU, runs here) or Core ML (lowers here, runs on Apple devices)")
     p.add_argument("--winograd", choices=["auto", "off", "f2", "f4"], default="auto",
                    help="3x3 convolutions in Winograd form: where the measured table says faster (auto), never, "
                         "or everywhere with F(2x2,3x3) / F(4x4,3x3)")
@@ -46,7 +48,8 @@ def _export(p: argparse.ArgumentParser) -> Handler:
             raise ConfigError("no export target given; use --targets onnx,coreml,executorch")
         options = ExportOptions(components=tuple(args.components), precision=args.precision,
                                 batch_sizes=args.batch_sizes or (1,), resolutions=args.resolutions,
-                                extra={"deployment_target": args.deployment_target, "winograd": args.winograd})
+                                extra={"deployment_target": args.deployment_target, "winograd": args.winograd,
+                                       "executorch_delegate": args.executorch_delegate})
         bundle = load_model(args.model)
         model = args.model if not Path(args.model).exists() else str(Path(args.model).resolve())
         aset = export_bundle(bundle, model, args.targets, options, args.out,

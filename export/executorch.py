@@ -1,4 +1,5 @@
-"""ExecuTorch exporter: one `.pte` per component, XNNPACK-delegated, one method per exported shape.
+"""ExecuTorch exporter: one `.pte` per component, one method per exported shape, delegated to XNNPACK
+(default, runs here) or to Core ML (`--executorch-delegate coreml`: lowers here, runs on Apple devices).
 
 pocketdiff's lowering differs from a plain XNNPACK lowering in three ways, each so that more of the
 graph runs inside XNNPACK (every op left outside is a portable-kernel call and a delegate boundary):
@@ -195,6 +196,14 @@ def lower(programs: dict[str, Any], component: str, partitioners: list[Any]) -> 
     return program.buffer, counts
 
 
+def coreml_partitioners() -> list[Any]:
+    """ExecuTorch's Core ML partitioner (the program compiles to an mlprogram inside the .pte; it runs
+    only where ExecuTorch has its Core ML backend, i.e. on Apple platforms)."""
+    from executorch.backends.apple.coreml.partition import CoreMLPartitioner
+
+    return [CoreMLPartitioner()]
+
+
 def xnnpack_partitioners() -> list[Any]:
     """The XNNPACK partitioner for float graphs: its FP32 precision class takes fp32 and fp16 nodes alike
     (the graph's dtype decides; there is no separate FP16 class)."""
@@ -204,20 +213,34 @@ def xnnpack_partitioners() -> list[Any]:
     return [XnnpackPartitioner(config_precisions=ConfigPrecisionType.FP32)]
 
 
+# Delegate name -> (partitioners, the backend id a lowered program records).
+DELEGATES: dict[str, tuple[Any, str]] = {"xnnpack": (xnnpack_partitioners, "XnnpackBackend"),
+                                         "coreml": (coreml_partitioners, "CoreMLBackend")}
+
+
+def delegate_of(options: ExportOptions) -> str:
+    """The delegate asked for (`extra["executorch_delegate"]`, default xnnpack); ConfigError if unknown."""
+    name = options.extra.get("executorch_delegate", "xnnpack")
+    if name not in DELEGATES:
+        raise ConfigError(f"unknown ExecuTorch delegate {name!r}; choose from {', '.join(DELEGATES)}")
+    return name
+
+
 def prepare(module: nn.Module) -> tuple[nn.Module, int]:
     """pocketdiff's rewrites for XNNPACK: norms in delegable form; returns the copy and the rewrite count."""
     return rewrite_norms(module)
 
 
 def pocketdiff_lowering(module: nn.Module, inputs: dict[str, dict[str, torch.Tensor]],
-                        component: str = "module") -> tuple[bytes, dict[str, Any]]:
-    """pocketdiff's XNNPACK lowering of `module` (fp32 or fp16, as its weights and inputs are) for the
-    given per-method inputs."""
+                        component: str = "module", delegate: str = "xnnpack") -> tuple[bytes, dict[str, Any]]:
+    """pocketdiff's lowering of `module` (fp32 or fp16, as its weights and inputs are) for the given
+    per-method inputs, to the named delegate."""
     prepared, rewritten = prepare(module)
     with attention_form(prepared, ATTENTION_FORM):
         programs = export_programs(prepared, inputs, component)
-    data, counts = lower(programs, component, xnnpack_partitioners())
-    return data, {"norms_rewritten": rewritten, "attention_form": ATTENTION_FORM, "ops": counts}
+    partitioners, backend = DELEGATES[delegate]
+    data, counts = lower(programs, component, partitioners())
+    return data, {"norms_rewritten": rewritten, "attention_form": ATTENTION_FORM, "ops": counts, "delegate": backend}
 
 
 def plain_xnnpack_lowering(module: nn.Module, feeds: dict[str, torch.Tensor]) -> bytes:
@@ -238,12 +261,13 @@ def describe(feeds: dict[str, torch.Tensor], varying: dict[str, dict[int, str]])
 
 @register_exporter
 class ExecutorchExporter:
-    """Target "executorch": `executorch/<component>.pte`, XNNPACK-delegated, one method per shape."""
+    """Target "executorch": `executorch/<component>.pte`, XNNPACK- or Core ML-delegated, one method per shape."""
 
     target = "executorch"
 
     def export(self, bundle: Bundle, component: str, options: ExportOptions, out: Path) -> Artifact:
         start = time.perf_counter()
+        delegate = delegate_of(options)
         spec = wrap(bundle, component)
         resolutions = export_resolutions(bundle, options.resolutions)
         dtype = torch.float16 if options.precision == "fp16" else torch.float32
@@ -253,7 +277,7 @@ class ExecutorchExporter:
             for r in (resolutions if component != "text_encoder" else resolutions[:1]):
                 feeds = example_inputs(bundle, component, b, r, dtype=dtype)
                 per_method.setdefault(method_name(feeds), feeds)
-        data, details = pocketdiff_lowering(module, per_method, component)
+        data, details = pocketdiff_lowering(module, per_method, component, delegate)
         final = out / PTE_DIR / f"{component}.pte"
         atomic_write_bytes(final, data)
         with torch.no_grad():
@@ -265,7 +289,7 @@ class ExecutorchExporter:
             "methods": {m: {n: list(t.shape) for n, t in f.items()} for m, f in per_method.items()},
             "input_order": list(first), "output_order": spec.output_names,
             "attention_modules": len(attention_modules(module)),
-            "delegate": "XnnpackBackend", "bytes": final.stat().st_size,
+            "bytes": final.stat().st_size,
             "resolution_multiple": resolution_multiple(bundle), "vae_scale_factor": bundle.vae_scale_factor,
             "export_seconds": round(time.perf_counter() - start, 2)})
         return Artifact(target=self.target, component=component, path=str(final.relative_to(out)),

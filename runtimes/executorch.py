@@ -1,5 +1,8 @@
 """ExecuTorch adapter: runs `.pte` artifacts in ExecuTorch's Python runtime (XNNPACK on the CPU).
 
+A program delegated to a backend this runtime lacks (Core ML off Apple platforms) gets a static
+check only: the program loads and holds every method the manifest names; it is never reported passed.
+
 An ExecuTorch artifact holds one method per exported (batch, resolution); the session picks the
 method whose input shapes match the feeds. A batch that was not exported but is a multiple of the
 largest exported batch at the same resolution (the harness's guided batch of 2 x prompts) runs in
@@ -33,14 +36,21 @@ def load_program(path: Path) -> Any:
         raise CorruptFileError(f"{path}: ExecuTorch cannot load it ({str(e).strip()[:200]}); re-export it") from e
 
 
+def backend_available(name: str) -> bool:
+    """Whether ExecuTorch's runtime here has the delegate backend `name` (e.g. "CoreMLBackend")."""
+    from executorch.runtime import Runtime
+
+    return Runtime.get().backend_registry.is_available(name)
+
+
 class ExecutorchSession:
     """One `.pte` artifact loaded in ExecuTorch's runtime."""
-
-    static_only = False
 
     def __init__(self, artifact: Artifact, folder: Path):
         self.artifact, self.path = artifact, Path(folder) / artifact.path
         self.program = load_program(self.path)
+        self.backend = artifact.details.get("delegate", "XnnpackBackend")
+        self.static_only = not backend_available(self.backend)
         self.methods: dict[str, dict[str, list[int]]] = artifact.details.get("methods", {})
         self.input_order: list[str] = artifact.details.get("input_order", list(artifact.inputs))
         self.output_order: list[str] = artifact.details.get("output_order", list(artifact.outputs))
@@ -50,6 +60,8 @@ class ExecutorchSession:
             raise CorruptFileError(f"{self.path}: methods {lost or 'all'} named in the manifest are not in the program "
                                    f"(it has {sorted(have)}); re-export it")
         self._loaded: dict[str, Any] = {}
+        self.checks = {"program_loads": True, "methods": sorted(self.methods), "delegate": self.backend,
+                       "backend_here": not self.static_only}
 
     def method(self, name: str) -> Any:
         """The loaded method `name` (loaded once, on first use)."""
@@ -80,6 +92,9 @@ class ExecutorchSession:
                          f"exported for ({exported}); re-export with those --batch-sizes / --resolutions")
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.static_only:
+            raise ShapeError(f"{self.path}: delegated to {self.backend}, which this host's ExecuTorch runtime lacks; "
+                             "here it is a static check only")
         name, chunk = self.plan(feeds)
         method = self.method(name)
         dtypes = {n: _TORCH[self.artifact.inputs[n]["dtype"]] for n in self.input_order}

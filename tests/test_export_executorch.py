@@ -124,3 +124,23 @@ def test_fp16_program_is_delegated_and_close(tiny, tmp_path):
     assert not any("convolution" in k or "addmm" in k or "bmm" in k for k in ops["outside_delegates"]), ops
     max_abs, rel_l2 = _parity(tiny, aset, tmp_path / "a", "unet", 1)
     assert rel_l2 < 5e-3, (max_abs, rel_l2)  # fp16 rounding, not a wrong graph (fp32 parity is 1e-5)
+
+
+def test_coreml_delegate_lowers_here_and_is_static_only(tiny, tmp_path):
+    from pocketdiff.errors import ConfigError
+
+    opts = ExportOptions(components=("unet",), batch_sizes=(1,), extra={"executorch_delegate": "coreml"})
+    aset = export_bundle(tiny, "arch:tiny", ["executorch"], opts, tmp_path / "a")
+    artifact = aset.find("executorch", "unet")
+    assert artifact.details["delegate"] == "CoreMLBackend"
+    ops = artifact.details["ops"]["b1_8x8"]
+    assert ops["delegates"] == 1 and not ops["outside_delegates"], ops  # the whole U-Net in one Core ML program
+    session = open_session(artifact, tmp_path / "a")
+    if not session.checks["backend_here"]:  # Linux: ExecuTorch's Core ML backend exists only on Apple platforms
+        assert session.static_only and session.checks["methods"] == ["b1_8x8"]
+        with pytest.raises(ShapeError, match="static check only"):
+            session.run({k: v.numpy() for k, v in example_inputs(tiny, "unet", 1).items()})
+    with pytest.raises(ConfigError, match="unknown ExecuTorch delegate"):
+        export_bundle(tiny, "arch:tiny", ["executorch"],
+                      ExportOptions(components=("unet",), extra={"executorch_delegate": "npu"}), tmp_path / "b")
+    assert not (tmp_path / "b").exists()
