@@ -264,7 +264,9 @@ class CoremlExporter:
             "bytes": sum(p.stat().st_size for p in final.rglob("*") if p.is_file()),
             "resolution_multiple": resolution_multiple(bundle), "vae_scale_factor": bundle.vae_scale_factor,
             "export_seconds": round(time.perf_counter() - start, 2)}
+        # Core ML computes in fp16 whatever --precision says (compute_precision above), so its artifacts
+        # are fp16 artifacts and validate against the fp16 gate.
         return Artifact(target=self.target, component=component, path=str(final.relative_to(out)),
-                        precision=options.precision, inputs=inputs,
+                        precision="fp16", inputs=inputs,
                         outputs={spec.output_names[0]: {"shape": list(sample_out.shape), "dtype": "float32"}},
                         shapes=shapes, details=details)

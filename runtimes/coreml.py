@@ -127,7 +127,7 @@ class CoremlSession:
         self.artifact, self.path = artifact, Path(folder) / artifact.path
         self.static_only = platform.system() != "Darwin"
         ref = artifact.details.get("uncompressed_reference")  # set by a compression pass that keeps one
-        self.report = static_check(artifact, self.path, reference=Path(folder) / ref if ref else None)
+        self.checks = static_check(artifact, self.path, reference=Path(folder) / ref if ref else None)
         self.model: Any = None
         if not self.static_only:
             import coremltools as ct

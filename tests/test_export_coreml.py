@@ -53,7 +53,7 @@ def test_static_check_is_not_a_pass(ios18):
     session = open_session(aset.find("coreml", "unet"), out)
     if platform.system() != "Darwin":
         assert session.static_only
-        assert session.report["fused_attention"] > 0
+        assert session.checks["fused_attention"] > 0
 
 
 def test_static_check_catches_wrong_promises(ios18):
