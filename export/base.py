@@ -66,6 +66,7 @@ class ArtifactSet:
     model: str
     artifacts: list[Artifact]
     sampler: dict[str, Any] = field(default_factory=dict)  # scheduler config, scaling_factor, tokenizer dir
+    model_hash: str | None = None  # content hash of the exported weights, when the source has one
 
     def find(self, target: str, component: str) -> Artifact:
         """The artifact of `component` for `target`; InputPathError naming what the folder has."""
@@ -77,7 +78,8 @@ class ArtifactSet:
 
     def save(self, folder: Path) -> None:
         """Write artifacts.json into `folder`, atomically."""
-        atomic_write_json(Path(folder) / MANIFEST, {"model": self.model, "sampler": self.sampler,
+        atomic_write_json(Path(folder) / MANIFEST, {"model": self.model, "model_hash": self.model_hash,
+                                                    "sampler": self.sampler,
                                                     "artifacts": [asdict(a) for a in self.artifacts]})
 
     @classmethod
@@ -89,7 +91,7 @@ class ArtifactSet:
                                  "make one with `pocketdiff export`")
         try:
             data = json.loads(path.read_text())
-            return cls(model=data["model"], sampler=data.get("sampler", {}),
+            return cls(model=data["model"], sampler=data.get("sampler", {}), model_hash=data.get("model_hash"),
                        artifacts=[Artifact(**a) for a in data["artifacts"]])
         except (ValueError, KeyError, TypeError) as e:
             raise CorruptFileError(f"{path}: unreadable artifact manifest ({e})") from e
@@ -148,6 +150,7 @@ def export_bundle(bundle: Bundle, model: str, targets: list[str], options: Expor
                 if log:
                     log(f"{exporter.target}: exporting {component} ({options.precision})")
                 artifacts.append(exporter.export(bundle, component, options, tmp))
-        aset = ArtifactSet(model=model, artifacts=artifacts, sampler=sampler_info(bundle))
+        aset = ArtifactSet(model=model, artifacts=artifacts, sampler=sampler_info(bundle),
+                           model_hash=bundle.manifest.content_hash)
         aset.save(tmp)
     return aset

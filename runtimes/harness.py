@@ -139,6 +139,11 @@ def validate(folder: Path, bundle: Bundle | None = None, targets: list[str] | No
     check_files(folder, aset)
     load_builtins()
     bundle = bundle or load_model(aset.model)
+    now = bundle.manifest.content_hash
+    if aset.model_hash and now and now != aset.model_hash:
+        raise ConfigError(f"the reference model {aset.model!r} is not the one {folder} was exported from (weights "
+                          f"hash {now[:12]}, exported from {aset.model_hash[:12]}); pass the exported weights "
+                          "with --model, or re-export")
     have = sorted({a.target for a in aset.artifacts})
     targets = targets or have
     unknown = [t for t in targets if t not in have]

@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from pocketdiff.errors import CorruptFileError, GateError, InputPathError, ShapeError
+from pocketdiff.errors import ConfigError, CorruptFileError, GateError, InputPathError, ShapeError
 from pocketdiff.export.base import Artifact, ArtifactSet, ExportOptions, export_bundle
 from pocketdiff.runtimes import base as runtimes_base
 from pocketdiff.runtimes.harness import STATIC, ValidateConfig, raise_on_failure, validate
@@ -173,3 +173,18 @@ def test_diverging_layer_in_a_wrapper_that_calls_a_method(tiny, exported, tmp_pa
     found = first_diverging_layer(art, folder, wrap(tiny, "vae_decoder").module,
                                   example_inputs(tiny, "vae_decoder"), 1e-3)
     assert found["layer"] == "vae.decoder.mid_block.resnets.0.conv2"
+
+
+def test_reference_weights_changed_since_export_is_named(tiny, exported, tmp_path):
+    """Validating against weights other than the exported ones would report a bogus divergence."""
+    folder = tmp_path / "stale"
+    shutil.copytree(exported, folder)
+    aset = ArtifactSet.load(folder)
+    aset.model_hash = "a" * 64
+    aset.save(folder)
+    changed = build_arch("tiny", seed=0)
+    changed.manifest.content_hash = "b" * 64
+    with pytest.raises(ConfigError, match="not the one .* was exported from"):
+        validate(folder, bundle=changed, config=CONFIG)
+    changed.manifest.content_hash = "a" * 64
+    assert validate(folder, bundle=changed, config=CONFIG)["passed"]
