@@ -1,10 +1,3 @@
 # carry .whl .dev/c1 .dev/captions.safetensors
-# v5 (continues the shipped v4): like callD with peak lr 2e-4, warmup 100, over ~760 s of training in two calls.
-export LR=2e-4 WARMUP=100
-T0=$(date +%s)
-. scripts/device_env.sh || exit 4
-mkdir -p /tmp/pd/data
-xz -dc .dev/c1/train-images-idx3-ubyte.xz > /tmp/pd/data/train-images-idx3-ubyte
-cp .dev/c1/train-labels-idx1-ubyte.gz .dev/captions.safetensors /tmp/pd/data/
-bash scripts/gpu_teacher/probe.sh 2048 $(( 820 - ($(date +%s) - T0) )) || exit 5
-bash scripts/gpu_teacher/train3.sh $(( 545 - ($(date +%s) - T0) ))
+# v5 (continues the shipped v4): callD with peak lr 2e-4, warm-up 100, ~760 s of training over two calls.
+LR=2e-4 WARMUP=100 BUDGET=820 exec bash scripts/gpu_teacher/callD.sh
