@@ -1,8 +1,9 @@
 """ExecuTorch exporter: one `.pte` per component, one method per exported shape, delegated to XNNPACK
 (default, runs here) or to Core ML (`--executorch-delegate coreml`: lowers here, runs on Apple devices).
 
-pocketdiff's lowering differs from a plain XNNPACK lowering in three ways, each so that more of the
-graph runs inside XNNPACK (every op left outside is a portable-kernel call and a delegate boundary):
+pocketdiff's lowering differs from a plain XNNPACK lowering in four ways; the first three put more of
+the graph inside XNNPACK (every op left outside is a portable-kernel call and a delegate boundary),
+the fourth does less arithmetic:
   * GroupNorm / LayerNorm are rewritten as reshape + mean + rsqrt (XNNPACK has no norm ops, so a
     plain lowering cuts the U-Net into dozens of delegate islands);
   * attention uses the explicit batched-matmul + softmax form from `export/attention.py` (torch SDPA
@@ -10,6 +11,8 @@ graph runs inside XNNPACK (every op left outside is a portable-kernel call and a
   * every (batch, resolution) is its own method with static shapes, because XNNPACK rejects
     symbolic reshapes; the methods share one copy of the weights (XNNPACK's named data store
     deduplicates identical tensors), so several shapes cost little extra file size.
+  * 3x3 convolutions whose layer shape the measured XNNPACK table (`winograd_table.py`) says is faster in
+    Winograd form become `WinogradConv2d` (fp32; `--winograd f2|f4` forces it everywhere, `off` never).
 `plain_xnnpack_lowering` is the baseline for the latency comparison in bench/export_scale.py.
 """
 
@@ -30,6 +33,7 @@ from ..fileio import atomic_write_bytes
 from .attention import attention_form, attention_modules
 from .base import Artifact, ExportOptions, register_exporter
 from .components import example_inputs, export_resolutions, resolution_multiple, wrap
+from .winograd import conv_input_sizes, swap_winograd_modules
 
 ATTENTION_FORM = "softmax"
 PTE_DIR = "executorch"
@@ -232,15 +236,22 @@ def prepare(module: nn.Module) -> tuple[nn.Module, int]:
 
 
 def pocketdiff_lowering(module: nn.Module, inputs: dict[str, dict[str, torch.Tensor]],
-                        component: str = "module", delegate: str = "xnnpack") -> tuple[bytes, dict[str, Any]]:
+                        component: str = "module", delegate: str = "xnnpack",
+                        winograd: str = "auto") -> tuple[bytes, dict[str, Any]]:
     """pocketdiff's lowering of `module` (fp32 or fp16, as its weights and inputs are) for the given
-    per-method inputs, to the named delegate."""
+    per-method inputs, to the named delegate. 3x3 convolutions go to Winograd form where the XNNPACK
+    table (measured in fp32, at the first method's shapes) says they win, or everywhere with "f2"/"f4"."""
     prepared, rewritten = prepare(module)
+    first = next(iter(inputs.values()))
+    fp32 = all(t.dtype != torch.float16 for t in first.values())
+    mode = winograd if (delegate == "xnnpack" and (fp32 or winograd != "auto")) else "off"
+    wino = swap_winograd_modules(prepared, "executorch", mode, conv_input_sizes(prepared, first) if mode != "off" else {})
     with attention_form(prepared, ATTENTION_FORM):
         programs = export_programs(prepared, inputs, component)
     partitioners, backend = DELEGATES[delegate]
     data, counts = lower(programs, component, partitioners())
-    return data, {"norms_rewritten": rewritten, "attention_form": ATTENTION_FORM, "ops": counts, "delegate": backend}
+    return data, {"norms_rewritten": rewritten, "attention_form": ATTENTION_FORM, "ops": counts, "delegate": backend,
+                  "winograd": wino}
 
 
 def plain_xnnpack_lowering(module: nn.Module, feeds: dict[str, torch.Tensor]) -> bytes:
@@ -277,7 +288,8 @@ class ExecutorchExporter:
             for r in (resolutions if component != "text_encoder" else resolutions[:1]):
                 feeds = example_inputs(bundle, component, b, r, dtype=dtype)
                 per_method.setdefault(method_name(feeds), feeds)
-        data, details = pocketdiff_lowering(module, per_method, component, delegate)
+        data, details = pocketdiff_lowering(module, per_method, component, delegate,
+                                            options.extra.get("winograd", "auto"))
         final = out / PTE_DIR / f"{component}.pte"
         atomic_write_bytes(final, data)
         with torch.no_grad():

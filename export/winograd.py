@@ -1,4 +1,5 @@
-"""Winograd F(2x2,3x3) and F(4x4,3x3) for 3x3 stride-1 convolutions, as an ONNX graph rewrite.
+"""Winograd F(2x2,3x3) and F(4x4,3x3) for 3x3 stride-1 convolutions, as an ONNX graph rewrite and as a
+torch module swap (`swap_winograd_modules`, for the ExecuTorch lowering).
 
 A Conv (3x3, stride 1, dilation 1, pad 1, one group, weights as an initializer) becomes standard ops:
     Pad to whole tiles (sizes computed in the graph, so dynamic height/width still work)
@@ -302,3 +303,28 @@ class WinogradConv2d(torch.nn.Module):
         y = y.reshape(m * m, k, n, th * tw).permute(2, 1, 0, 3).reshape(n, k * m * m, th, tw)
         y = torch.nn.functional.pixel_shuffle(y, m)[:, :, :h, :w]
         return y if self.bias is None else y + self.bias.view(1, k, 1, 1)
+
+
+def swap_winograd_modules(module: torch.nn.Module, backend: str, mode: str,
+                          spatial: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    """Replace, in place, every 3x3 stride-1 pad-1 Conv2d of `module` that the table for `backend` (or a
+    forced mode) picks with a `WinogradConv2d`; `spatial` as for `apply_winograd`. Returns
+    {"mode", "rewritten": {module path: m}, "eligible": n}."""
+    if mode == "off":
+        return {"mode": mode, "rewritten": {}, "eligible": 0}
+    rewritten: dict[str, int] = {}
+    n_eligible = 0
+    for path, sub in list(module.named_modules()):
+        if not (isinstance(sub, torch.nn.Conv2d) and tuple(sub.kernel_size) == (3, 3) and tuple(sub.stride) == (1, 1)
+                and tuple(sub.dilation) == (1, 1) and sub.groups == 1 and tuple(sub.padding) == (1, 1)
+                and sub.padding_mode == "zeros"):
+            continue
+        n_eligible += 1
+        h, w = spatial.get(path, (0, 0))
+        m = choose_m(backend, sub.in_channels, sub.out_channels, h, w, mode) if (h or mode != "auto") else None
+        if m is None:
+            continue
+        parent_path, _, name = path.rpartition(".")
+        setattr(module.get_submodule(parent_path) if parent_path else module, name, WinogradConv2d(sub, m))
+        rewritten[path] = m
+    return {"mode": mode, "rewritten": rewritten, "eligible": n_eligible}

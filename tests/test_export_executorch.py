@@ -48,6 +48,7 @@ def test_manifest_records_methods_and_delegation(exported):
     assert a.inputs["latent_sample"]["shape"] == ["batch", 4, 8, 8]
     assert a.details["input_order"] == ["latent_sample"] and a.details["output_order"] == ["sample"]
     unet = exported["unet"][0].find("executorch", "unet")
+    assert unet.details["winograd"]["rewritten"] == {}  # "auto": no tiny layer shape is in the measured table
     ops = unet.details["ops"]["b2_8x8"]
     # every norm and attention inside XNNPACK: only upsampling and layout copies stay outside
     assert ops["delegates"] >= 1 and unet.details["norms_rewritten"] > 0
@@ -144,3 +145,13 @@ def test_coreml_delegate_lowers_here_and_is_static_only(tiny, tmp_path):
         export_bundle(tiny, "arch:tiny", ["executorch"],
                       ExportOptions(components=("unet",), extra={"executorch_delegate": "npu"}), tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+def test_winograd_f4_in_the_xnnpack_program_is_exact(tiny, tmp_path):
+    opts = ExportOptions(components=("unet",), batch_sizes=(1,), extra={"winograd": "f4"})
+    aset = export_bundle(tiny, "arch:tiny", ["executorch"], opts, tmp_path / "w")
+    wino = aset.find("executorch", "unet").details["winograd"]
+    assert wino["eligible"] > 0 and len(wino["rewritten"]) == wino["eligible"], wino
+    assert set(wino["rewritten"].values()) == {4}
+    max_abs, rel_l2 = _parity(tiny, aset, tmp_path / "w", "unet", 1)
+    assert max_abs < 1e-4 and rel_l2 < 1e-5, (max_abs, rel_l2)
