@@ -12,7 +12,7 @@ import argparse
 import warnings
 
 from pocketdiff.export.components import example_inputs, wrap
-from pocketdiff.export.winograd import choose_m, conv_input_sizes
+from pocketdiff.export.winograd import choose_m, conv_input_sizes, eligible_module
 from pocketdiff.sources import load_model
 
 
@@ -33,7 +33,7 @@ def main() -> None:
     rewritten = 0
     for path, (h, w) in conv_input_sizes(spec.module, feeds).items():
         conv = modules[path]
-        if tuple(conv.stride) != (1, 1) or tuple(conv.padding) != (1, 1) or conv.groups != 1:
+        if not eligible_module(conv):
             continue
         m = choose_m("onnx", conv.in_channels, conv.out_channels, h, w, args.mode)
         if m:

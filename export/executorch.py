@@ -33,7 +33,7 @@ from ..fileio import atomic_write_bytes
 from .attention import attention_form, attention_modules
 from .base import Artifact, ExportOptions, register_exporter
 from .components import example_inputs, export_resolutions, resolution_multiple, wrap
-from .winograd import conv_input_sizes, swap_winograd_modules
+from .winograd import conv_input_sizes, effective_mode, swap_winograd_modules
 
 ATTENTION_FORM = "softmax"
 PTE_DIR = "executorch"
@@ -244,7 +244,7 @@ def pocketdiff_lowering(module: nn.Module, inputs: dict[str, dict[str, torch.Ten
     prepared, rewritten = prepare(module)
     first = next(iter(inputs.values()))
     fp32 = all(t.dtype != torch.float16 for t in first.values())
-    mode = winograd if (delegate == "xnnpack" and (fp32 or winograd != "auto")) else "off"
+    mode = effective_mode(winograd, fp32) if delegate == "xnnpack" else "off"
     wino = swap_winograd_modules(prepared, "executorch", mode, conv_input_sizes(prepared, first) if mode != "off" else {})
     with attention_form(prepared, ATTENTION_FORM):
         programs = export_programs(prepared, inputs, component)

@@ -28,7 +28,7 @@ from ..errors import GateError, UnsupportedOpError
 from ..fileio import atomic_write_json
 from .attention import attention_form, choose_form, count_onnx_fused, intended_fused_count
 from .base import Artifact, ExportOptions, register_exporter
-from .winograd import apply_winograd, conv_input_sizes
+from .winograd import apply_winograd, conv_input_sizes, effective_mode
 from .components import example_inputs, export_resolutions, locate_op, resolution_multiple, wrap
 
 OPSET = 18
@@ -351,7 +351,7 @@ class OnnxExporter:
         The table was measured in fp32, so "auto" leaves fp16 graphs alone; "f2"/"f4" force it.
         """
         mode = options.extra.get("winograd", "auto")
-        if mode == "auto" and options.precision != "fp32":
+        if effective_mode(mode, options.precision == "fp32") == "off" and mode != "off":
             return {"mode": mode, "rewritten": {}, "eligible": 0, "note": "table measured for fp32 only"}
         return apply_winograd(model, "onnx", mode, conv_input_sizes(module, feeds))
 

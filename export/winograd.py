@@ -305,6 +305,18 @@ class WinogradConv2d(torch.nn.Module):
         return y if self.bias is None else y + self.bias.view(1, k, 1, 1)
 
 
+def eligible_module(sub: torch.nn.Module) -> bool:
+    """A 3x3, stride-1, dilation-1, zero-pad-1, single-group Conv2d (the module twin of `eligible`)."""
+    return (isinstance(sub, torch.nn.Conv2d) and tuple(sub.kernel_size) == (3, 3) and tuple(sub.stride) == (1, 1)
+            and tuple(sub.dilation) == (1, 1) and sub.groups == 1 and tuple(sub.padding) == (1, 1)
+            and sub.padding_mode == "zeros")
+
+
+def effective_mode(mode: str, fp32: bool) -> str:
+    """The mode to apply: the tables were measured in fp32, so "auto" leaves fp16 graphs direct."""
+    return "off" if mode == "auto" and not fp32 else mode
+
+
 def swap_winograd_modules(module: torch.nn.Module, backend: str, mode: str,
                           spatial: dict[str, tuple[int, int]]) -> dict[str, Any]:
     """Replace, in place, every 3x3 stride-1 pad-1 Conv2d of `module` that the table for `backend` (or a
@@ -315,9 +327,7 @@ def swap_winograd_modules(module: torch.nn.Module, backend: str, mode: str,
     rewritten: dict[str, int] = {}
     n_eligible = 0
     for path, sub in list(module.named_modules()):
-        if not (isinstance(sub, torch.nn.Conv2d) and tuple(sub.kernel_size) == (3, 3) and tuple(sub.stride) == (1, 1)
-                and tuple(sub.dilation) == (1, 1) and sub.groups == 1 and tuple(sub.padding) == (1, 1)
-                and sub.padding_mode == "zeros"):
+        if not eligible_module(sub):
             continue
         n_eligible += 1
         h, w = spatial.get(path, (0, 0))
