@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--table-samples", type=int, default=2_000, help="samples per baseline-table cell")
     ap.add_argument("--guidance", type=float, nargs="+", default=[2.0, 4.0, 7.5], help="guidance scales to sweep")
     ap.add_argument("--sweep-samples", type=int, default=1_000)
-    ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 25, 50])
+    ap.add_argument("--steps", type=int, nargs="*", default=[1, 2, 4, 8, 25, 50], help="table step counts (none: no table)")
     ap.add_argument("--schedulers", nargs="+", default=["ddim", "dpmsolver++", "euler"])
     ap.add_argument("--batch-size", type=int, default=1000)
     ap.add_argument("--unet-dtype", choices=["fp16", "bf16", "fp32"], default="fp16",

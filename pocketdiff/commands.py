@@ -166,10 +166,12 @@ def _train(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--data-limit", type=int, default=None, help="train on the first N images only (tests)")
     defaults = TrainConfig()
-    for field in ("seed", "vae_steps", "vae_batch", "unet_steps", "unet_batch", "warmup", "checkpoint_every"):
-        p.add_argument("--" + field.replace("_", "-"), type=int, default=getattr(defaults, field))
-    for field in ("vae_kl_weight", "unet_lr"):
-        p.add_argument("--" + field.replace("_", "-"), type=float, default=getattr(defaults, field))
+    int_fields = ("seed", "vae_steps", "vae_batch", "decoder_steps", "decoder_batch", "unet_steps", "unet_batch",
+                  "warmup", "checkpoint_every")
+    float_fields = ("vae_kl_weight", "decoder_lr", "decoder_adv_weight", "unet_lr")
+    for kind, fields in ((int, int_fields), (float, float_fields)):
+        for field in fields:
+            p.add_argument("--" + field.replace("_", "-"), type=kind, default=getattr(defaults, field))
     p.add_argument("--vae-from", type=path_arg, default=None,
                    help="pipeline folder whose VAE to reuse instead of training one")
     p.add_argument("--unet-from", type=path_arg, default=None,
@@ -180,10 +182,7 @@ def _train(p: argparse.ArgumentParser) -> Handler:
         if args.what == "teacher":
             from .teacher.train import train_teacher
 
-            cfg = TrainConfig(seed=args.seed, vae_steps=args.vae_steps, vae_batch=args.vae_batch,
-                              unet_steps=args.unet_steps, unet_batch=args.unet_batch, warmup=args.warmup,
-                              checkpoint_every=args.checkpoint_every, time_limit_s=args.time_limit,
-                              vae_kl_weight=args.vae_kl_weight, unet_lr=args.unet_lr)
+            cfg = TrainConfig(**{f: getattr(args, f) for f in int_fields + float_fields}, time_limit_s=args.time_limit)
             result = train_teacher(args.out, cfg, data_root=args.data, captions_cache=args.captions_cache,
                                    device=args.device, data_limit=args.data_limit, progress=not args.json,
                                    vae_from=args.vae_from, unet_from=args.unet_from)

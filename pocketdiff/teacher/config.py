@@ -41,13 +41,18 @@ SCHEDULER = {**SD_SCHEDULER, "prediction_type": "epsilon"}
 
 @dataclass
 class TrainConfig:
-    """Training settings; the defaults are the ones the shipped weights were trained with."""
+    """Training settings: the defaults train a teacher from scratch; the shipped weights' exact
+    commands (several resumed runs) are in docs/BENCHMARKS.md."""
 
     seed: int = 0
     vae_steps: int = 3000
     vae_batch: int = 256
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
+    decoder_steps: int = 0  # > 0: fine-tune the VAE decoder, encoder frozen (teacher/decoder.py)
+    decoder_batch: int = 256
+    decoder_lr: float = 1e-4
+    decoder_adv_weight: float = 0.1
     unet_steps: int = 6000
     unet_batch: int = 512
     unet_lr: float = 4e-4

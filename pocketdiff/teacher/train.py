@@ -21,6 +21,7 @@ from ..data import TEMPLATES, caption_set, load_fashion_mnist, to_model_images
 from ..errors import DataError
 from ..training import LoopSpec, run_loop, step_generator
 from .config import SCHEDULER, UNET, VAE, TrainConfig
+from .decoder import finetune_decoder
 
 
 
@@ -167,7 +168,8 @@ def train_unet(mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor, stat
 def train_teacher(out: Path, cfg: TrainConfig, data_root: Path | None = None, captions_cache: Path | None = None,
                   device: str | None = None, data_limit: int | None = None, progress: bool = True,
                   vae_from: Path | None = None, unet_from: Path | None = None) -> dict:
-    """Train VAE (or take the one in pipeline folder `vae_from`) then U-Net; write the pipeline
+    """Train VAE (or take the one in pipeline folder `vae_from`), fine-tune its decoder when
+    `cfg.decoder_steps` > 0, then the U-Net; write the pipeline
     (fp16, EMA weights) to `out` (`unet_from`: a pipeline folder whose U-Net to continue from), also when the time limit stopped the U-Net early (the summary
     says so and a rerun resumes). Returns a summary."""
     out = Path(out)
@@ -199,6 +201,15 @@ def train_teacher(out: Path, cfg: TrainConfig, data_root: Path | None = None, ca
         mean, std = encode_latents(vae, images)
     scale = float(1.0 / mean.std())
     vae.register_to_config(scaling_factor=scale)
+    if cfg.decoder_steps > 0:
+        t_dec = time.monotonic()
+        summary["before_decoder_finetune"] = vae_diagnostics(vae, images[:1000], mean[:1000], std[:1000], scale)
+        done = finetune_decoder(vae, images, mean, std, cfg.decoder_steps, cfg.decoder_batch, cfg.decoder_lr,
+                                cfg.decoder_adv_weight, cfg.seed, work, cfg.warmup, time_limit_s=cfg.time_limit_s,
+                                checkpoint_every=cfg.checkpoint_every, progress=progress)
+        summary["decoder_seconds"] = round(time.monotonic() - t_dec, 1)
+        if not done:
+            return {**summary, "finished": False, "stopped_in": "decoder"}
     summary.update(latent_scale=scale, **vae_diagnostics(vae, images[:1000], mean[:1000], std[:1000], scale))
 
     t1 = time.monotonic()
@@ -207,7 +218,7 @@ def train_teacher(out: Path, cfg: TrainConfig, data_root: Path | None = None, ca
     unet, done = train_unet(mean, std, labels, states, scale, cfg, work, dev, progress, init=unet_from)
     summary["unet_seconds"] = round(time.monotonic() - t1, 1)
     summary["unet_steps_done"] = _last_step(work / "unet.ckpt")
-    summary["final_loss"] = {p: _last_loss(work / f"{p}_log.jsonl") for p in ("vae", "unet")}
+    summary["final_loss"] = {p: _last_loss(work / f"{p}_log.jsonl") for p in ("vae", "decoder", "unet")}
     summary["finished"] = done
     bundle = Bundle(unet=unet.half().cpu(), vae=vae.half().cpu(), scheduler=diffusers.DDIMScheduler.from_config(SCHEDULER),
                     manifest=Manifest(source={"kind": "trained", "name": "fashion", "summary": summary}))
