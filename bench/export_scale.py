@@ -94,15 +94,19 @@ def lower_one(model: str, component: str, batch: int, which: str, out: Path) -> 
     spec = wrap(bundle, component)
     feeds = example_inputs(bundle, component, batch)
     t = time.perf_counter()
+    winograd: dict = {}
     if which == "pocketdiff":
         data, details = pocketdiff_lowering(spec.module, {method_name(feeds): feeds}, component)
         ops = details["ops"][method_name(feeds)]
+        rewritten = details["winograd"]["rewritten"]
+        winograd = {"eligible": details["winograd"]["eligible"],
+                    "rewritten": {f"F{m}": sum(v == m for v in rewritten.values()) for m in sorted(set(rewritten.values()))}}
     else:
         data, ops = plain_xnnpack_lowering(spec.module, feeds), {}
     seconds = time.perf_counter() - t
     out.write_bytes(data)
     return {"which": which, "method": method_name(feeds) if which == "pocketdiff" else "forward",
-            "lowering_s": round(seconds, 1), "ops": ops}
+            "lowering_s": round(seconds, 1), "ops": ops, "winograd": winograd, "pte_bytes": len(data)}
 
 
 def latency(model: str, component: str, batch: int, runs: int) -> dict:
@@ -143,6 +147,7 @@ def latency(model: str, component: str, batch: int, runs: int) -> dict:
             "plain_ms": round(lat["plain"] * 1e3, 2), "pocketdiff_ms": round(lat["pocketdiff"] * 1e3, 2),
             "speedup": round(lat["plain"] / lat["pocketdiff"], 3),
             "lowering_s": {w: lowered[w]["lowering_s"] for w in lowered}, "max_abs_vs_pytorch": err,
+            "pte_bytes": {w: lowered[w]["pte_bytes"] for w in lowered}, "pocketdiff_winograd": lowered["pocketdiff"]["winograd"],
             "pocketdiff_delegates": lowered["pocketdiff"]["ops"]["delegates"],
             "pocketdiff_outside_delegates": lowered["pocketdiff"]["ops"]["outside_delegates"]}
 
