@@ -84,7 +84,7 @@ def _time_interleaved(methods: dict, inputs: list[torch.Tensor], runs: int) -> d
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
-def lower_one(model: str, component: str, batch: int, which: str, out: Path) -> dict:
+def lower_one(model: str, component: str, batch: int, which: str, out: Path, winograd: str = "auto") -> dict:
     """Lower one component with pocketdiff's or the plain XNNPACK lowering (inside its own process) to `out`."""
     from pocketdiff.export.components import example_inputs, wrap
     from pocketdiff.export.executorch import method_name, plain_xnnpack_lowering, pocketdiff_lowering
@@ -94,22 +94,22 @@ def lower_one(model: str, component: str, batch: int, which: str, out: Path) -> 
     spec = wrap(bundle, component)
     feeds = example_inputs(bundle, component, batch)
     t = time.perf_counter()
-    winograd: dict = {}
+    layers: dict = {}
     if which == "pocketdiff":
-        data, details = pocketdiff_lowering(spec.module, {method_name(feeds): feeds}, component)
+        data, details = pocketdiff_lowering(spec.module, {method_name(feeds): feeds}, component, winograd=winograd)
         ops = details["ops"][method_name(feeds)]
         rewritten = details["winograd"]["rewritten"]
-        winograd = {"eligible": details["winograd"]["eligible"],
+        layers = {"mode": winograd, "eligible": details["winograd"]["eligible"],
                     "rewritten": {f"F{m}": sum(v == m for v in rewritten.values()) for m in sorted(set(rewritten.values()))}}
     else:
         data, ops = plain_xnnpack_lowering(spec.module, feeds), {}
     seconds = time.perf_counter() - t
     out.write_bytes(data)
     return {"which": which, "method": method_name(feeds) if which == "pocketdiff" else "forward",
-            "lowering_s": round(seconds, 1), "ops": ops, "winograd": winograd, "pte_bytes": len(data)}
+            "lowering_s": round(seconds, 1), "ops": ops, "winograd": layers, "pte_bytes": len(data)}
 
 
-def latency(model: str, component: str, batch: int, runs: int) -> dict:
+def latency(model: str, component: str, batch: int, runs: int, winograd: str = "auto") -> dict:
     """Median call latency of pocketdiff's lowering and of a plain XNNPACK lowering, same inputs, same run.
     Each lowering runs in its own process (at SD1.5 scale one lowering peaks near 15 GiB); this process
     then loads both programs from disk and times them interleaved."""
@@ -122,7 +122,7 @@ def latency(model: str, component: str, batch: int, runs: int) -> dict:
     lowered = {}
     for which in ("pocketdiff", "plain"):
         cmd = [sys.executable, __file__, "lower", "--model", model, "--component", component, "--batch", str(batch),
-               "--which", which, "--out", str(work / f"{which}.pte")]
+               "--which", which, "--out", str(work / f"{which}.pte"), "--winograd", winograd]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         last = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode != 0 or not last:
@@ -171,22 +171,25 @@ def main() -> None:
     lat.add_argument("--component", default="unet")
     lat.add_argument("--batch", type=int, default=2)
     lat.add_argument("--runs", type=int, default=20)
+    lat.add_argument("--winograd", choices=["auto", "off", "f2", "f4"], default="auto",
+                     help="pocketdiff's Winograd layers (f2: smaller weights than auto's F4 where memory is short)")
     low = sub.add_parser("lower")
     low.add_argument("--model", required=True)
     low.add_argument("--component", required=True)
     low.add_argument("--batch", type=int, required=True)
     low.add_argument("--which", choices=["pocketdiff", "plain"], required=True)
     low.add_argument("--out", type=Path, required=True)
+    low.add_argument("--winograd", choices=["auto", "off", "f2", "f4"], default="auto")
     args = p.parse_args()
     if args.cmd == "lower":
-        print(json.dumps(lower_one(args.model, args.component, args.batch, args.which, args.out)))
+        print(json.dumps(lower_one(args.model, args.component, args.batch, args.which, args.out, args.winograd)))
     elif args.cmd == "one":
         print(json.dumps(export_one(args.model, args.target, args.component, args.out)))
     elif args.cmd == "scale":
         out = args.out or Path(tempfile.mkdtemp(prefix="export-scale-"))
         scale(args.model, args.targets.split(","), args.components.split(","), out, args.timeout)
     else:
-        print(json.dumps(latency(args.model, args.component, args.batch, args.runs), indent=1))
+        print(json.dumps(latency(args.model, args.component, args.batch, args.runs, args.winograd), indent=1))
 
 
 if __name__ == "__main__":
