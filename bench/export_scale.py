@@ -118,30 +118,28 @@ def latency(model: str, component: str, batch: int, runs: int, winograd: str = "
     from pocketdiff.export.components import example_inputs, wrap
     from pocketdiff.sources import load_model
 
-    work = Path(tempfile.mkdtemp(prefix="et-latency-"))
-    lowered = {}
-    for which in ("pocketdiff", "plain"):
-        cmd = [sys.executable, __file__, "lower", "--model", model, "--component", component, "--batch", str(batch),
-               "--which", which, "--out", str(work / f"{which}.pte"), "--winograd", winograd]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        last = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if proc.returncode != 0 or not last:
-            raise SystemExit(f"{which} lowering failed (exit {proc.returncode}): {proc.stderr[-800:]}")
-        lowered[which] = json.loads(last[-1])
-    bundle = load_model(model)
-    spec = wrap(bundle, component)
-    feeds = example_inputs(bundle, component, batch)
-    inputs = list(feeds.values())
-    with torch.no_grad():
-        ref = spec.module(**feeds)
-    del bundle, spec
-    rt = Runtime.get()
-    methods = {w: rt.load_program(work / f"{w}.pte").load_method(lowered[w]["method"]) for w in lowered}
-    err = {k: float((m.execute(inputs)[0] - ref).abs().max()) for k, m in methods.items()}
-    lat = _time_interleaved(methods, inputs, runs)
-    for f in work.iterdir():
-        f.unlink()
-    work.rmdir()
+    with tempfile.TemporaryDirectory(prefix="et-latency-") as tmp:  # removed also when a lowering fails
+        work = Path(tmp)
+        lowered = {}
+        for which in ("pocketdiff", "plain"):
+            cmd = [sys.executable, __file__, "lower", "--model", model, "--component", component, "--batch", str(batch),
+                   "--which", which, "--out", str(work / f"{which}.pte"), "--winograd", winograd]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            last = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            if proc.returncode != 0 or not last:
+                raise SystemExit(f"{which} lowering failed (exit {proc.returncode}): {proc.stderr[-800:]}")
+            lowered[which] = json.loads(last[-1])
+        bundle = load_model(model)
+        spec = wrap(bundle, component)
+        feeds = example_inputs(bundle, component, batch)
+        inputs = list(feeds.values())
+        with torch.no_grad():
+            ref = spec.module(**feeds)
+        del bundle, spec
+        rt = Runtime.get()
+        methods = {w: rt.load_program(work / f"{w}.pte").load_method(lowered[w]["method"]) for w in lowered}
+        err = {k: float((m.execute(inputs)[0] - ref).abs().max()) for k, m in methods.items()}
+        lat = _time_interleaved(methods, inputs, runs)
     return {"model": model, "component": component, "batch": batch, "shape": list(inputs[0].shape),
             "threads": torch.get_num_threads(), "runs": runs,
             "plain_ms": round(lat["plain"] * 1e3, 2), "pocketdiff_ms": round(lat["pocketdiff"] * 1e3, 2),
