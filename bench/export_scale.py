@@ -100,7 +100,7 @@ def lower_one(model: str, component: str, batch: int, which: str, out: Path, win
         ops = details["ops"][method_name(feeds)]
         rewritten = details["winograd"]["rewritten"]
         layers = {"mode": winograd, "eligible": details["winograd"]["eligible"],
-                    "rewritten": {f"F{m}": sum(v == m for v in rewritten.values()) for m in sorted(set(rewritten.values()))}}
+                  "rewritten": {f"F{m}": sum(v == m for v in rewritten.values()) for m in sorted(set(rewritten.values()))}}
     else:
         data, ops = plain_xnnpack_lowering(spec.module, feeds), {}
     seconds = time.perf_counter() - t

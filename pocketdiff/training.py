@@ -40,6 +40,11 @@ def step_generator(seed: int, step: int, device: torch.device) -> torch.Generato
     return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
 
 
+def autocast(device: torch.device) -> torch.autocast:
+    """bf16 autocast on CUDA, a no-op on CPU: every trainer's mixed-precision context."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def lr_at(spec: LoopSpec, step: int) -> float:
     """Linear warm-up, then cosine decay to a tenth of the peak."""
     if step < spec.warmup:

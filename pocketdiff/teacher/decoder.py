@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
 from torch import nn
 
-from ..training import LoopSpec, run_loop, step_generator
+from ..training import LoopSpec, autocast, run_loop, step_generator
 
 
 class PatchDiscriminator(nn.Module):
@@ -61,7 +61,7 @@ def finetune_decoder(vae: diffusers.AutoencoderKL, images: torch.Tensor, mean: t
         idx = torch.randint(n, (batch,), generator=g, device=device)
         z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g, device=device)
         x = images[idx]
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             rec = vae.decode(z).sample.float()
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
         if adv_weight > 0:
@@ -78,14 +78,13 @@ def finetune_decoder(vae: diffusers.AutoencoderKL, images: torch.Tensor, mean: t
 def _generator_loss(disc: nn.Module, rec: torch.Tensor) -> torch.Tensor:
     """-D(rec) with the discriminator's weights held fixed, so this term only moves the decoder."""
     frozen = {name: p.detach() for name, p in disc.named_parameters()}
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=rec.is_cuda):
+    with autocast(rec.device):
         logits = torch.func.functional_call(disc, frozen, (rec,))
     return -logits.float().mean()
 
 
 def _discriminator_loss(disc: nn.Module, real: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
     """Hinge loss on real images and detached reconstructions: only moves the discriminator."""
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=real.is_cuda):
+    with autocast(real.device):
         real_logits, fake_logits = disc(real).float(), disc(rec.detach()).float()
     return 0.5 * (F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean())
-

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from ..bundle import Bundle, Manifest
 from ..data import TEMPLATES, caption_set, load_fashion_mnist, to_model_images
 from ..errors import DataError
-from ..training import LoopSpec, run_loop, step_generator
+from ..training import LoopSpec, autocast, run_loop, step_generator
 from .config import SCHEDULER, UNET, VAE, TrainConfig
 from .decoder import finetune_decoder
 
@@ -62,10 +62,6 @@ def _encode(captions: list[str]) -> torch.Tensor:
     return torch.cat([encode_prompts(tokenizer, encoder, captions[i:i + 32]) for i in range(0, len(captions), 32)])
 
 
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def train_vae(images: torch.Tensor, cfg: TrainConfig, work: Path, device: torch.device,
               progress: bool = True) -> tuple[diffusers.AutoencoderKL, bool]:
     """Reconstruction (L1 + L2) plus a small KL term; returns the VAE and whether it finished."""
@@ -76,7 +72,7 @@ def train_vae(images: torch.Tensor, cfg: TrainConfig, work: Path, device: torch.
     def loss_fn(step: int) -> torch.Tensor:
         g = step_generator(cfg.seed, step, device)
         x = images[torch.randint(n, (cfg.vae_batch,), generator=g, device=device)]
-        with _autocast(device):
+        with autocast(device):
             post = vae.encode(x).latent_dist
             z = post.mean + post.std * torch.randn(post.mean.shape, generator=g, device=device)
             rec = vae.decode(z).sample.float()
@@ -154,7 +150,7 @@ def train_unet(mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor, stat
         t = torch.randint(sched.config.num_train_timesteps, (cfg.unet_batch,), generator=g, device=device)
         noise = torch.randn(z.shape, generator=g, device=device)
         zt = sched.add_noise(z, noise, t)
-        with _autocast(device):
+        with autocast(device):
             pred = unet(zt, t, encoder_hidden_states=ctx).sample.float()
         per = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
         return (per * weight[t]).mean()
@@ -197,7 +193,7 @@ def train_teacher(out: Path, cfg: TrainConfig, data_root: Path | None = None, ca
         summary["vae_seconds"] = round(time.monotonic() - t0, 1)
         if not done:
             return {**summary, "finished": False, "stopped_in": "vae"}
-    with _autocast(dev):
+    with autocast(dev):
         mean, std = encode_latents(vae, images)
     scale = float(1.0 / mean.std())
     vae.register_to_config(scaling_factor=scale)
