@@ -19,7 +19,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
@@ -71,19 +70,6 @@ def scale(model: str, targets: list[str], components: list[str], out: Path, time
     return rows
 
 
-def _time_interleaved(methods: dict, inputs: list[torch.Tensor], runs: int) -> dict[str, float]:
-    """Median seconds per call of each method, calls interleaved so machine noise hits all alike."""
-    for m in methods.values():
-        m.execute(inputs)
-    times: dict[str, list[float]] = {k: [] for k in methods}
-    for _ in range(runs):
-        for k, m in methods.items():
-            t = time.perf_counter()
-            m.execute(inputs)
-            times[k].append(time.perf_counter() - t)
-    return {k: float(np.median(v)) for k, v in times.items()}
-
-
 def lower_one(model: str, component: str, batch: int, which: str, out: Path, winograd: str = "auto") -> dict:
     """Lower one component with pocketdiff's or the plain XNNPACK lowering (inside its own process) to `out`."""
     from pocketdiff.export.components import example_inputs, wrap
@@ -109,13 +95,15 @@ def lower_one(model: str, component: str, batch: int, which: str, out: Path, win
             "lowering_s": round(seconds, 1), "ops": ops, "winograd": layers, "pte_bytes": len(data)}
 
 
-def latency(model: str, component: str, batch: int, runs: int, winograd: str = "auto") -> dict:
+def latency(model: str, component: str, batch: int, runs: int, winograd: str = "auto", per_block: int = 1) -> dict:
     """Median call latency of pocketdiff's lowering and of a plain XNNPACK lowering, same inputs, same run.
     Each lowering runs in its own process (at SD1.5 scale one lowering peaks near 15 GiB); this process
-    then loads both programs from disk and times them interleaved."""
+    then loads both programs from disk and times them in `runs` alternating blocks of one untimed and
+    `per_block` timed calls each."""
     from executorch.runtime import Runtime
 
     from pocketdiff.export.components import example_inputs, wrap
+    from pocketdiff.runtimes.profiler import compare_latency
     from pocketdiff.sources import load_model
 
     with tempfile.TemporaryDirectory(prefix="et-latency-") as tmp:  # removed also when a lowering fails
@@ -139,9 +127,10 @@ def latency(model: str, component: str, batch: int, runs: int, winograd: str = "
         rt = Runtime.get()
         methods = {w: rt.load_program(work / f"{w}.pte").load_method(lowered[w]["method"]) for w in lowered}
         err = {k: float((m.execute(inputs)[0] - ref).abs().max()) for k, m in methods.items()}
-        lat = _time_interleaved(methods, inputs, runs)
+        stats = compare_latency({k: (lambda m=m: m.execute(inputs)) for k, m in methods.items()}, runs, per_block)
+        lat = {k: st.median_s for k, st in stats.items()}
     return {"model": model, "component": component, "batch": batch, "shape": list(inputs[0].shape),
-            "threads": torch.get_num_threads(), "runs": runs,
+            "threads": torch.get_num_threads(), "blocks": runs, "timed_per_block": per_block,
             "plain_ms": round(lat["plain"] * 1e3, 2), "pocketdiff_ms": round(lat["pocketdiff"] * 1e3, 2),
             "speedup": round(lat["plain"] / lat["pocketdiff"], 3),
             "lowering_s": {w: lowered[w]["lowering_s"] for w in lowered}, "max_abs_vs_pytorch": err,
@@ -168,7 +157,8 @@ def main() -> None:
     lat.add_argument("--model", default="fashion")
     lat.add_argument("--component", default="unet")
     lat.add_argument("--batch", type=int, default=2)
-    lat.add_argument("--runs", type=int, default=20)
+    lat.add_argument("--runs", type=int, default=20, help="alternating blocks (one untimed call + --per-block timed)")
+    lat.add_argument("--per-block", type=int, default=1)
     lat.add_argument("--winograd", choices=["auto", "off", "f2", "f4"], default="auto",
                      help="pocketdiff's Winograd layers (f2: smaller weights than auto's F4 where memory is short)")
     low = sub.add_parser("lower")
@@ -187,7 +177,7 @@ def main() -> None:
         out = args.out or Path(tempfile.mkdtemp(prefix="export-scale-"))
         scale(args.model, args.targets.split(","), args.components.split(","), out, args.timeout)
     else:
-        print(json.dumps(latency(args.model, args.component, args.batch, args.runs, args.winograd), indent=1))
+        print(json.dumps(latency(args.model, args.component, args.batch, args.runs, args.winograd, args.per_block), indent=1))
 
 
 if __name__ == "__main__":

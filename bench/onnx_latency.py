@@ -2,10 +2,14 @@
 
 Both graphs run in onnxruntime on the CPU provider with default session options. The plain export is
 `torch.onnx.export` of the U-Net as diffusers builds it (its default SDPA attention), TorchScript
-path at the same opset, so the two differ only in what pocketdiff changes. Calls are interleaved
-(plain, pocketdiff, plain, ...) so machine noise hits both alike; medians are reported.
+path at the same opset, so the two differ only in what pocketdiff changes. Calls are made in
+alternating blocks (`pocketdiff.runtimes.profiler.compare_latency`: one untimed call, then --calls
+timed ones, per graph per block) so machine noise hits both alike; medians are reported.
 
-    flock /tmp/heavy.lock .venv/bin/python bench/onnx_latency.py fashion arch:sd15 --calls 20 3
+    flock /tmp/heavy.lock .venv/bin/python bench/onnx_latency.py fashion arch:sd15 --calls 5 1 --blocks 6 3
+
+`--profile N` then runs each graph N more times under onnxruntime's profiler and prints where the time
+goes per kernel type (after onnxruntime's own graph rewrites, so these are the kernels that really ran).
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import datetime
 import gc
 import json
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,6 +34,7 @@ from pocketdiff.export.attention import count_onnx_fused
 from pocketdiff.export.base import ExportOptions
 from pocketdiff.export.components import example_inputs, wrap
 from pocketdiff.export.onnx import OnnxExporter, trace_to_onnx
+from pocketdiff.runtimes.profiler import compare_latency, speedup
 from pocketdiff.sources import load_model
 
 
@@ -41,8 +45,30 @@ def cpu_model() -> str:
     return f"{name}, {torch.get_num_threads()} threads / {len(__import__('os').sched_getaffinity(0))} cores"
 
 
-def bench_model(spec: str, calls: int, batch: int, precision: str, winograd: str, work: Path) -> dict:
-    """Export both graphs of one model's U-Net and time them interleaved."""
+def op_profile(path: Path, feeds: dict[str, np.ndarray], runs: int, work: Path) -> dict[str, float]:
+    """Mean ms per call spent in each kernel type over `runs` profiled calls (after one warm-up)."""
+    opts = ort.SessionOptions()
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(work / f"profile_{path.parent.name}")
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess.run(None, feeds)
+    t_start = time.perf_counter()
+    for _ in range(runs):
+        sess.run(None, feeds)
+    wall_ms = (time.perf_counter() - t_start) * 1e3 / runs
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    runs_seen = [e for e in events if e.get("name") == "model_run"]
+    first_timed = runs_seen[-runs]["ts"]
+    totals: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first_timed:
+            totals[e["args"]["op_name"]] = totals.get(e["args"]["op_name"], 0.0) + e["dur"] / 1e3 / runs
+    return {"wall_ms": wall_ms, **dict(sorted(totals.items(), key=lambda kv: -kv[1]))}
+
+
+def bench_model(spec: str, calls: int, blocks: int, batch: int, precision: str, winograd: str, work: Path,
+                profile: int = 0) -> dict:
+    """Export both graphs of one model's U-Net and time them side by side in alternating blocks."""
     bundle = load_model(spec)
     feeds_t = example_inputs(bundle, "unet", batch)
     t0 = time.perf_counter()
@@ -68,25 +94,20 @@ def bench_model(spec: str, calls: int, batch: int, precision: str, winograd: str
     resolution = bundle.resolution
     del bundle, spec_u
     gc.collect()
-    sessions = {"plain": ort.InferenceSession(str(plain_path), providers=["CPUExecutionProvider"]),
-                "pocketdiff": ort.InferenceSession(str(ours_path), providers=["CPUExecutionProvider"])}
+    paths = {"plain": plain_path, "pocketdiff": ours_path}
+    sessions = {n: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for n, p in paths.items()}
     feeds = {}
     for name, sess in sessions.items():
         types = {i.name: i.type for i in sess.get_inputs()}
         feeds[name] = {k: v.numpy().astype(np.float16 if types[k] == "tensor(float16)" else v.numpy().dtype)
                        for k, v in feeds_t.items()}
-    outs = {n: s.run(None, feeds[n])[0] for n, s in sessions.items()}  # warm-up call
-    times: dict[str, list[float]] = {n: [] for n in sessions}
-    for _ in range(calls):
-        for name, sess in sessions.items():
-            t0 = time.perf_counter()
-            sess.run(None, feeds[name])
-            times[name].append(time.perf_counter() - t0)
+    outs = {n: s.run(None, feeds[n])[0] for n, s in sessions.items()}
+    stats = compare_latency({n: (lambda s=s, f=feeds[n]: s.run(None, f)) for n, s in sessions.items()}, blocks, calls)
     diff = float(np.abs(outs["plain"].astype(np.float64) - outs["pocketdiff"]).max())
-    med = {n: statistics.median(t) for n, t in times.items()}
-    return {"model": spec, "batch": batch, "resolution": resolution, "precision": precision,
-            "calls": calls, "median_s": med, "min_s": {n: min(t) for n, t in times.items()},
-            "speedup": med["plain"] / med["pocketdiff"],
+    profiles = {n: op_profile(paths[n], feeds[n], profile, work) for n in sessions} if profile else {}
+    return {"model": spec, "batch": batch, "resolution": resolution, "precision": precision, "profile_ms": profiles,
+            "calls": {"blocks": blocks, "timed_per_block": calls}, "latency": {n: v.as_dict() for n, v in stats.items()},
+            "speedup": speedup(stats, "plain", "pocketdiff"),
             "fused_attention": {"plain": count_onnx_fused(plain_path), "pocketdiff": count_onnx_fused(ours_path)},
             "winograd": art.details.get("winograd"), "max_abs_diff": diff,
             "export_s": {"plain": round(plain_export, 1), "pocketdiff": round(ours_export, 1)}}
@@ -96,25 +117,33 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("models", nargs="+")
-    p.add_argument("--calls", type=int, nargs="+", default=[10], help="timed calls per model (one per model or one for all)")
+    p.add_argument("--calls", type=int, nargs="+", default=[3], help="timed calls per block (one per model or one for all)")
+    p.add_argument("--blocks", type=int, nargs="+", default=[5], help="blocks per graph (one per model or one for all)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     p.add_argument("--winograd", choices=["auto", "off", "f2", "f4"], default="auto")
+    p.add_argument("--profile", type=int, default=0, help="also profile each graph over this many calls")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
     calls = args.calls * len(args.models) if len(args.calls) == 1 else args.calls
+    blocks = args.blocks * len(args.models) if len(args.blocks) == 1 else args.blocks
     header = {"date": datetime.date.today().isoformat(), "machine": cpu_model(), "python": platform.python_version(),
               "onnxruntime": ort.__version__, "torch": torch.__version__, "command": " ".join(sys.argv)}
     print(json.dumps(header))
     results = []
-    for spec, n in zip(args.models, calls):
+    for spec, n, nb in zip(args.models, calls, blocks):
         with tempfile.TemporaryDirectory() as tmp:
-            r = bench_model(spec, n, args.batch, args.precision, args.winograd, Path(tmp))
+            r = bench_model(spec, n, nb, args.batch, args.precision, args.winograd, Path(tmp), args.profile)
         results.append(r)
-        print(f"{spec} batch {r['batch']} {r['resolution']}px {r['precision']}: plain {r['median_s']['plain']*1e3:.1f} ms, "
-              f"pocketdiff {r['median_s']['pocketdiff']*1e3:.1f} ms (median of {n}), speedup {r['speedup']:.2f}x; "
+        lat = r["latency"]
+        print(f"{spec} batch {r['batch']} {r['resolution']}px {r['precision']}: plain {lat['plain']['median_s']*1e3:.1f} ms, "
+              f"pocketdiff {lat['pocketdiff']['median_s']*1e3:.1f} ms (median of {nb} blocks x {n}), "
+              f"speedup {r['speedup']:.2f}x; "
               f"fused attention plain {r['fused_attention']['plain']} / pocketdiff {r['fused_attention']['pocketdiff']}; "
               f"winograd {r['winograd']}; max |diff| {r['max_abs_diff']:.2e}", flush=True)
+        for name, prof in r["profile_ms"].items():
+            kernels = ", ".join(f"{op} {ms:.1f}" for op, ms in list(prof.items())[1:13])
+            print(f"  {name} profile (ms per call, {prof['wall_ms']:.1f} wall): {kernels}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({**header, "results": results}, indent=2))
 

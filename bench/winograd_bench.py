@@ -1,11 +1,13 @@
 """Per-layer Winograd table: each 3x3 stride-1 conv shape of a model, direct vs F(2x2,3x3) vs F(4x4,3x3).
 
 Times onnxruntime (CPU provider, default options) on one-Conv graphs, batch 1, fp32, the three
-variants interleaved, median of --repeats calls. Writes export/winograd_table.py, which the ONNX
-exporter reads in "auto" mode (a tile size is chosen only when it beats the direct conv by --margin),
-and prints a Markdown table for docs/BENCHMARKS.md, losses included.
+variants timed in --repeats alternating blocks of 3 calls (`runtimes.profiler.compare_latency`), median.
+Writes the measurements to export/winograd_table.py, which the ONNX exporter reads in "auto" mode (the
+choice per row is `export.winograd.pick_tile`), and prints a Markdown table for docs/BENCHMARKS.md,
+losses included. `--from-table BACKEND` reprints a stored table with the current choice rule, no timing.
 
     flock /tmp/heavy.lock .venv/bin/python bench/winograd_bench.py fashion@64 arch:sd15@512 --repeats 5
+    .venv/bin/python bench/winograd_bench.py --from-table onnx
 """
 
 from __future__ import annotations
@@ -13,10 +15,8 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import statistics
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -25,7 +25,9 @@ import onnxruntime as ort
 import torch
 
 from pocketdiff.export.components import example_inputs, wrap
-from pocketdiff.export.winograd import apply_winograd, conv_input_sizes, conv_shape_key, single_conv_model
+from pocketdiff.runtimes.profiler import compare_latency
+from pocketdiff.export.winograd import (apply_winograd, conv_input_sizes, conv_shape_key, pick_tile,
+                                        single_conv_model)
 from pocketdiff.sources import load_model
 
 TABLE_FILE = Path(__file__).resolve().parents[1] / "export" / "winograd_table.py"
@@ -50,8 +52,8 @@ def layer_shapes(spec: str, components: list[str]) -> list[tuple[int, int, int, 
     return [(*k, v) for k, v in seen.items()]
 
 
-def time_layer(cin: int, cout: int, h: int, w: int, repeats: int) -> dict[str, float]:
-    """Median ms of direct, F2 and F4 for one layer shape (interleaved calls)."""
+def time_layer(cin: int, cout: int, h: int, w: int, repeats: int, per_block: int = 3) -> dict[str, float]:
+    """Median ms of direct, F2 and F4 for one layer shape (`repeats` alternating blocks of `per_block` calls)."""
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((cout, cin, 3, 3)) / np.sqrt(9 * cin)
     bias = rng.standard_normal(cout)
@@ -64,27 +66,30 @@ def time_layer(cin: int, cout: int, h: int, w: int, repeats: int) -> dict[str, f
             apply_winograd(model, "onnx", name, {})
         sessions[name] = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     ref = sessions["direct"].run(None, {"x": x})[0]
-    times: dict[str, list[float]] = {n: [] for n in sessions}
     for name, s in sessions.items():
         out = s.run(None, {"x": x})[0]
         assert np.abs(out - ref).max() < 1e-3 * max(1.0, np.abs(ref).max()), name
-    for _ in range(repeats):
-        for name, s in sessions.items():
-            t0 = time.perf_counter()
-            s.run(None, {"x": x})
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return {n: statistics.median(t) for n, t in times.items()}
+    stats = compare_latency({n: (lambda s=s: s.run(None, {"x": x})) for n, s in sessions.items()}, repeats, per_block)
+    return {n: st.median_s * 1e3 for n, st in stats.items()}
 
 
 def main() -> None:
     warnings.filterwarnings("ignore")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("models", nargs="+", help="MODEL@RESOLUTION, e.g. fashion@64 arch:sd15@512")
+    p.add_argument("models", nargs="*", help="MODEL@RESOLUTION, e.g. fashion@64 arch:sd15@512")
+    p.add_argument("--from-table", choices=["onnx", "executorch"], default=None)
     p.add_argument("--components", default="unet,vae_decoder")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--margin", type=float, default=0.05, help="a tile must be this much faster to be chosen")
     p.add_argument("--max-pixels", type=int, default=128 * 128, help="skip layers with larger feature maps")
     args = p.parse_args()
+    if args.from_table:
+        from pocketdiff.export.winograd_table import SOURCES, TABLE
+
+        rows = [{"key": k, **v} for k, v in TABLE[args.from_table].items()]
+        for row in rows:
+            print(markdown_row(row))
+        write_table(args.from_table, rows, SOURCES[args.from_table])
+        return
     torch.set_grad_enabled(False)
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     cpu = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "?")
@@ -97,14 +102,17 @@ def main() -> None:
                 print(f"skipped {cin}x{cout}@{h}x{w} ({where}): feature map over --max-pixels", flush=True)
                 continue
             t = time_layer(cin, cout, h, w, args.repeats)
-            best = min(("f2", "f4"), key=lambda n: t[n])
-            best_m = int(best[1]) if t[best] < t["direct"] * (1 - args.margin) else None
             rows.append({"key": conv_shape_key(cin, cout, h, w), "where": where, **{f"{n}_ms": round(v, 3)
-                         for n, v in t.items()}, "best_m": best_m})
-            print(f"| {rows[-1]['key']} | {where} | {t['direct']:.2f} | {t['f2']:.2f} ({t['direct'] / t['f2']:.2f}x) | "
-                  f"{t['f4']:.2f} ({t['direct'] / t['f4']:.2f}x) | {'F' + str(best_m) if best_m else 'direct'} |",
-                  flush=True)
+                         for n, v in t.items()}})
+            print(markdown_row(rows[-1]), flush=True)
     write_table("onnx", rows, header)
+
+
+def markdown_row(row: dict) -> str:
+    """One BENCHMARKS.md table line: the times, the speedups and the tile `pick_tile` chooses."""
+    d, f2, f4, m = row["direct_ms"], row["f2_ms"], row["f4_ms"], pick_tile(row)
+    return (f"| {row['key']} | {row['where']} | {d:.2f} | {f2:.2f} ({d / f2:.2f}x) | {f4:.2f} ({d / f4:.2f}x) | "
+            f"{'F' + str(m) if m else 'direct'} |")
 
 
 def write_table(backend: str, rows: list[dict], header: str) -> None:
@@ -113,11 +121,13 @@ def write_table(backend: str, rows: list[dict], header: str) -> None:
         from pocketdiff.export.winograd_table import SOURCES, TABLE
     except ImportError:
         SOURCES, TABLE = {}, {}
-    tables = {**TABLE, backend: {r["key"]: {k: v for k, v in r.items() if k != "key"} for r in rows}}
+    keep = ("where", "direct_ms", "f2_ms", "f4_ms")
+    tables = {**TABLE, backend: {r["key"]: {k: r[k] for k in keep} for r in rows}}
     sources = {**SOURCES, backend: header}
     TABLE_FILE.write_text(
         '"""Winograd per-layer tables (per backend), measured by bench/winograd_bench.py and\n'
-        'bench/winograd_executorch.py; do not edit, rerun them. SOURCES says how each was measured."""\n\n'
+        'bench/winograd_executorch.py; do not edit, rerun them. SOURCES says how each was measured;\n'
+        'export.winograd.pick_tile decides from these times."""\n\n'
         f"SOURCES: dict[str, str] = {sources!r}\n\nTABLE: dict[str, dict[str, dict]] = {tables!r}\n")
     print(f"wrote {TABLE_FILE}")
 

@@ -2,7 +2,7 @@
 
 Each layer shape is lowered three times with ExecuTorch's stock XNNPACK partitioner (a Conv2d, and
 `export.winograd.WinogradConv2d` with m=2 and m=4), run in ExecuTorch's Python runtime, batch 1,
-fp32, calls interleaved, median of --repeats. The rows go into export/winograd_table.py under
+fp32, timed in --repeats alternating blocks of 3 calls (`runtimes.profiler`), median. The rows go into export/winograd_table.py under
 "executorch"; a Markdown table is printed for docs/BENCHMARKS.md.
 
     flock /tmp/heavy.lock .venv/bin/python bench/winograd_executorch.py fashion@64 arch:sd15@512 --limit 8
@@ -13,21 +13,20 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from winograd_bench import layer_shapes, write_table  # noqa: E402
+from winograd_bench import layer_shapes, markdown_row, write_table  # noqa: E402
 
 from pocketdiff.export.executorch import plain_xnnpack_lowering  # noqa: E402
 from pocketdiff.export.winograd import WinogradConv2d, conv_shape_key  # noqa: E402
+from pocketdiff.runtimes.profiler import compare_latency  # noqa: E402
 
 
 class _Layer(torch.nn.Module):
@@ -58,13 +57,8 @@ def time_layer(cin: int, cout: int, h: int, w: int, repeats: int, tmp: Path) -> 
     for name, method in methods.items():
         out = method.execute([x])[0]
         assert (out - ref).abs().max() < 1e-3 * max(1.0, float(ref.abs().max())), name
-    times: dict[str, list[float]] = {n: [] for n in methods}
-    for _ in range(repeats):
-        for name, method in methods.items():
-            t0 = time.perf_counter()
-            method.execute([x])
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return {n: statistics.median(t) for n, t in times.items()}
+    stats = compare_latency({n: (lambda m=m: m.execute([x])) for n, m in methods.items()}, repeats, 3)
+    return {n: st.median_s * 1e3 for n, st in stats.items()}
 
 
 def main() -> None:
@@ -73,7 +67,6 @@ def main() -> None:
     p.add_argument("models", nargs="+", help="MODEL@RESOLUTION")
     p.add_argument("--components", default="unet")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--margin", type=float, default=0.05)
     p.add_argument("--limit", type=int, default=0, help="at most this many layer shapes per model (0: all)")
     args = p.parse_args()
     torch.set_grad_enabled(False)
@@ -89,13 +82,9 @@ def main() -> None:
             shapes = [s for s in layer_shapes(spec, args.components.split(",")) if s[0] >= 8 and s[1] >= 8]
             for cin, cout, h, w, where in shapes[: args.limit or None]:
                 t = time_layer(cin, cout, h, w, args.repeats, Path(tmp))
-                best = min(("f2", "f4"), key=lambda n: t[n])
-                best_m = int(best[1]) if t[best] < t["direct"] * (1 - args.margin) else None
                 rows.append({"key": conv_shape_key(cin, cout, h, w), "where": where,
-                             **{f"{n}_ms": round(v, 3) for n, v in t.items()}, "best_m": best_m})
-                print(f"| {rows[-1]['key']} | {where} | {t['direct']:.2f} | {t['f2']:.2f} ({t['direct'] / t['f2']:.2f}x) | "
-                      f"{t['f4']:.2f} ({t['direct'] / t['f4']:.2f}x) | {'F' + str(best_m) if best_m else 'direct'} |",
-                      flush=True)
+                             **{f"{n}_ms": round(v, 3) for n, v in t.items()}})
+                print(markdown_row(rows[-1]), flush=True)
     write_table("executorch", rows, header)
 
 

@@ -2,12 +2,13 @@
 torch module swap (`swap_winograd_modules`, for the ExecuTorch lowering).
 
 A Conv (3x3, stride 1, dilation 1, pad 1, one group, weights as an initializer) becomes standard ops:
-    Pad to whole tiles (sizes computed in the graph, so dynamic height/width still work)
-    -> input transform B^T d B: one Conv over the channels as separate planes (a x a kernel,
-       stride m, a^2 outputs)
-    -> Transpose/Reshape to [a^2, C, tiles] -> batched MatMul with the weights G g G^T (transformed at
-       export time, in float64) -> output transform A^T M A: one MatMul with [m^2, a^2]
-    -> Transpose/Reshape back to NCHW, Slice off the padding, add the bias.
+    Pad each channel plane to whole tiles (sizes computed in the graph, so dynamic height/width still
+    work) and stack the planes into one tall image
+    -> input transform B^T d B: one Conv (a x a kernel, stride m, a^2 outputs), already in the
+       [a^2, N, C, tiles] layout of the next step
+    -> batched MatMul with the weights G g G^T (transformed at export time, in float64)
+    -> output transform A^T M A and tile interleave: one stride-m ConvTranspose
+    -> Slice off the padding, add the bias.
 (m = 2 or 4 outputs per tile side; a = m + 2.) The multiplies of the main product drop from 9 per
 output to a^2/m^2 (4 for F2, 2.25 for F4). Whether that is faster than the runtime's own convolution
 depends on the layer's shape, so `apply_winograd` rewrites only the layers the measured table
@@ -104,7 +105,15 @@ class _Builder:
 
 def rewrite_conv(graph: onnx.GraphProto, node: onnx.NodeProto, weight: np.ndarray, bias: np.ndarray | None,
                  m: int) -> list[onnx.NodeProto]:
-    """The nodes computing `node`'s Conv in Winograd F(m x m, 3 x 3) form (same input and output names)."""
+    """The nodes computing `node`'s Conv in Winograd F(m x m, 3 x 3) form (same input and output names).
+
+    Every channel plane is padded to m*(th+1) rows (th = ceil(H/m) tile rows) so the planes of all
+    images stack into one tall one-channel image whose a x a tiles at stride m start on a plane's rows
+    (one extra tile row per plane straddles two planes and is sliced off). That lets the input transform
+    write the [a^2, N, C, T] layout the main product reads, and the output transform (a stride-m
+    ConvTranspose) read the product's [a^2, N*K, ...] layout directly: no Transpose or DepthToSpace passes
+    over the a^2/m^2-times-larger Winograd-domain tensors.
+    """
     dtype = weight.dtype
     k, c = weight.shape[:2]
     a = m + 2
@@ -112,36 +121,40 @@ def rewrite_conv(graph: onnx.GraphProto, node: onnx.NodeProto, weight: np.ndarra
     x = node.input[0]
     i64 = lambda v: np.array(v, dtype=np.int64)  # noqa: E731
     shape = b.op("Shape", [x], "shape")
+    batch = b.op("Gather", [shape, b.const("n_idx", i64([0]))], "n", axis=0)
     hw = b.op("Gather", [shape, b.const("hw_idx", i64([2, 3]))], "hw", axis=0)
     mm = b.const("m", i64([m, m]))
-    extra = b.op("Mod", [b.op("Sub", [mm, b.op("Mod", [hw, mm], "hw_mod")], "hw_rem"), mm], "extra")
-    end_pad = b.op("Add", [extra, b.const("one", i64([1, 1]))], "end_pad")
+    tiles = b.op("Div", [b.op("Add", [hw, b.const("m_minus_1", i64([m - 1, m - 1]))], "hw_up"), mm], "tiles")
+    # Plane size: m*(th+1) rows, m*tw+2 columns; one zero row/column in front, the rest behind.
+    padded = b.op("Add", [b.op("Mul", [tiles, mm], "tiles_m"), b.const("grow", i64([m, 2]))], "padded_hw")
+    end_pad = b.op("Sub", [b.op("Sub", [padded, hw], "added"), b.const("one", i64([1, 1]))], "end_pad")
     pads = b.op("Concat", [b.const("pad_head", i64([0, 0, 1, 1])), b.const("zero2", i64([0, 0])), end_pad],
                 "pads", axis=0)
-    xp = b.op("Pad", [x, pads], "pad", mode="constant")
-    # Input transform as a one-channel Conv over [N*C, 1, H', W'] (faster here than a grouped Conv).
-    planes = b.op("Reshape", [xp, b.const("planes_shape", i64([-1, 1, 0, 0]))], "planes")
-    v = b.op("Conv", [planes, b.const("bt_kernel", input_transform_kernel(m).astype(dtype))], "input_transform",
-             kernel_shape=[a, a], strides=[m, m], pads=[0, 0, 0, 0])  # [N*C, a^2, th, tw]
-    vshape = b.op("Shape", [v], "v_shape")
-    batch = b.op("Gather", [shape, b.const("n_idx", i64([0]))], "n", axis=0)
-    v4_shape = b.op("Concat", [batch, b.const("c_a2_t", i64([c, a * a, -1]))], "v4_shape", axis=0)
-    v4 = b.op("Reshape", [v, v4_shape], "v4")  # [N, C, a^2, T]
-    vt = b.op("Transpose", [v4], "vt", perm=[2, 1, 0, 3])  # [a^2, C, N, T]
-    v3 = b.op("Reshape", [vt, b.const("v3_shape", i64([a * a, c, -1]))], "v3")
-    u = b.const("weights", transform_weights(weight, m).astype(dtype))
-    prod = b.op("MatMul", [u, v3], "product")  # [a^2, K, N*T]
-    flat = b.op("Reshape", [prod, b.const("flat_shape", i64([a * a, -1]))], "flat")
-    y = b.op("MatMul", [b.const("at", output_transform(m).astype(dtype)), flat], "output_transform")
-    # [m^2, K*N*T] -> [m^2*K, N, T] -> [N, m^2*K, T] -> [N, m^2*K, th, tw]; channel order (r, s, k) is
-    # DepthToSpace's DCR layout, which interleaves the m x m tiles back into [N, K, th*m, tw*m].
-    y3_shape = b.op("Concat", [b.const("mk", i64([m * m * k])), batch, b.const("minus1", i64([-1]))],
-                    "y3_shape", axis=0)
-    y3 = b.op("Reshape", [y, y3_shape], "y3")
-    yn = b.op("Transpose", [y3], "yn", perm=[1, 0, 2])
-    y4_shape = b.op("Concat", [b.const("zero_mk", i64([0, m * m * k])), b.op("Gather", [
-        vshape, b.const("tt_idx", i64([2, 3]))], "tiles_hw", axis=0)], "y4_shape", axis=0)
-    y4 = b.op("DepthToSpace", [b.op("Reshape", [yn, y4_shape], "y4_tiles")], "y4", blocksize=m, mode="DCR")
+    tall = b.op("Reshape", [b.op("Pad", [x, pads], "pad", mode="constant"),
+                            b.const("tall_shape", i64([1, 1, -1, 0]))], "tall")  # [1, 1, N*C*rows, cols]
+    # Input transform B^T d B: one a x a, stride-m Conv with a^2 outputs; m zero rows below the last plane
+    # give every plane th+1 tile rows.
+    v = b.op("Conv", [tall, b.const("bt_kernel", input_transform_kernel(m).astype(dtype))], "input_transform",
+             kernel_shape=[a, a], strides=[m, m], pads=[0, 0, m, 0])  # [1, a^2, N*C*(th+1), tw]
+    th = b.op("Gather", [tiles, b.const("h_idx", i64([0]))], "th", axis=0)
+    tw = b.op("Gather", [tiles, b.const("w_idx", i64([1]))], "tw", axis=0)
+    planes = b.op("Reshape", [v, b.op("Concat", [b.const("a2_planes", i64([a * a, -1])), b.op(
+        "Add", [th, b.const("one_row", i64([1]))], "rows"), tw], "planes_shape", axis=0)], "planes")
+    # Drop each plane's straddling tile row (a copy, but the product then does no wasted work: at 16x16
+    # the extra row would be a fifth of it).
+    whole = b.op("Slice", [planes, b.const("zero", i64([0])), th, b.const("row_axis", i64([2]))], "whole_tiles")
+    v_shape = b.op("Concat", [b.const("a2", i64([a * a])), batch, b.const("c_t", i64([c, -1]))], "v_shape", axis=0)
+    u = b.const("weights", transform_weights(weight, m).astype(dtype).reshape(a * a, 1, k, c))
+    prod = b.op("MatMul", [u, b.op("Reshape", [whole, v_shape], "v")], "product")  # [a^2, N, K, th*tw]
+    img = b.op("Reshape", [prod, b.op("Concat", [b.const("img_head", i64([1, a * a, -1])), tw], "img_shape", axis=0)],
+               "product_image")  # [1, a^2, N*K*th, tw]
+    # Output transform A^T M A and the tile interleave in one stride-m ConvTranspose (a^2 channels -> 1).
+    at = output_transform(m).reshape(m, m, a * a).transpose(2, 0, 1).reshape(a * a, 1, m, m)
+    y = b.op("ConvTranspose", [img, b.const("at_kernel", at.astype(dtype))], "output_transform",
+             kernel_shape=[m, m], strides=[m, m])  # [1, 1, N*K*th*m, tw*m]
+    y_shape = b.op("Concat", [batch, b.const("k_rest", i64([k, -1])), b.op("Mul", [tw, b.const("m1", i64([m]))], "w_m")],
+                   "y_shape", axis=0)
+    y4 = b.op("Reshape", [y, y_shape], "y")  # [N, K, th*m, tw*m]
     cropped = b.op("Slice", [y4, b.const("starts", i64([0, 0])), hw, b.const("axes", i64([2, 3]))], "crop")
     final = node.output[0]
     if bias is not None:
@@ -167,11 +180,24 @@ def choose_m(backend: str, cin: int, cout: int, h: int, w: int, mode: str) -> in
         return int(mode[1])
     from .winograd_table import TABLE
 
-    rows = TABLE.get(backend, {})
-    row = rows.get(conv_shape_key(cin, cout, h, w))
-    if row is None:
-        return None
-    return row["best_m"]
+    row = TABLE.get(backend, {}).get(conv_shape_key(cin, cout, h, w))
+    return None if row is None else pick_tile(row)
+
+
+# A tile is used where, on its own, it is at least 5 % faster and saves at least 1 ms per call: inside a
+# network each rewritten layer also pays for about fifteen more kernels and colder caches. Measured on this
+# kind of host (2026-11-26): the built-in VAE decoder with 12 layers rewritten that each saved 0.1-0.9 ms ran
+# 0.84x as fast as with none, while SD1.5's 8x8 layers (3.5-7 ms saved each, only 1.15-1.31x) took the whole
+# U-Net from 1.30x to 1.42-1.48x against the plain export (docs/BENCHMARKS.md).
+MIN_LAYER_SPEEDUP = 1.05
+MIN_SAVED_MS = 1.0
+
+
+def pick_tile(row: dict[str, float]) -> int | None:
+    """The tile size (2 or 4) one measured table row ({"direct_ms", "f2_ms", "f4_ms"}) calls for, or None."""
+    best = min((2, 4), key=lambda m: row[f"f{m}_ms"])
+    direct, tiled = row["direct_ms"], row[f"f{best}_ms"]
+    return best if direct >= MIN_LAYER_SPEEDUP * tiled and direct - tiled >= MIN_SAVED_MS else None
 
 
 def conv_input_sizes(module: Any, feeds: dict[str, Any]) -> dict[str, tuple[int, int]]:
@@ -278,6 +304,9 @@ class WinogradConv2d(torch.nn.Module):
 
     The same algorithm as the ONNX rewrite, in aten ops an ExecuTorch/XNNPACK lowering understands:
     conv2d (input transform), permute, bmm (main product), matmul (output transform), pixel_shuffle.
+    It keeps the permute layout rather than the ONNX rewrite's tall-image one: lowered through XNNPACK,
+    the tall form (conv2d, matmul, conv_transpose2d) took 81.8 ms against this form's 38.0 ms on a
+    320x320@64x64 F4 layer (this 2-core host, 2026-11-26).
     """
 
     def __init__(self, conv: torch.nn.Conv2d, m: int):
