@@ -1,5 +1,6 @@
-"""Whole-component check of the Winograd table: pocketdiff's ONNX export with `--winograd auto` against
-`--winograd off`, same component, same inputs, same run (onnxruntime CPU, default session options).
+"""Whole-component check of the Winograd table: pocketdiff's ONNX export with `--winograd auto` (or a forced
+`--candidate f2/f4`) against `--winograd off`, same component, same inputs, same run (onnxruntime CPU,
+default session options).
 
 The table is measured on one-Conv graphs; in a whole network the rewritten layers also pay for their
 extra kernels and colder caches, so this is what says whether the table's picks help a real call.
@@ -25,24 +26,25 @@ from pocketdiff.runtimes.profiler import compare_latency, speedup
 from pocketdiff.sources import load_model
 
 
-def compare_component(spec: str, component: str, batch: int, blocks: int, per_block: int, work: Path) -> dict:
-    """Export `component` with Winograd off and auto, then time both graphs in alternating blocks."""
+def compare_component(spec: str, component: str, batch: int, blocks: int, per_block: int, work: Path,
+                      candidate: str = "auto") -> dict:
+    """Export `component` with Winograd off and `candidate`, then time both graphs in alternating blocks."""
     bundle = load_model(spec)
     feeds = {k: v.numpy() for k, v in example_inputs(bundle, component, batch).items()}
     sessions, arts = {}, {}
-    for mode in ("off", "auto"):
+    for mode in ("off", candidate):
         opts = ExportOptions(components=(component,), batch_sizes=(batch,), extra={"winograd": mode})
         arts[mode] = OnnxExporter().export(bundle, component, opts, work / mode)
         sessions[mode] = ort.InferenceSession(str(work / mode / arts[mode].path), providers=["CPUExecutionProvider"])
     outs = {m: s.run(None, feeds)[0] for m, s in sessions.items()}
     stats = compare_latency({m: (lambda s=s: s.run(None, feeds)) for m, s in sessions.items()}, blocks, per_block)
     return {"model": spec, "component": component, "batch": batch,
-            "rewritten": len(arts["auto"].details["winograd"]["rewritten"]),
-            "eligible": arts["auto"].details["winograd"]["eligible"],
+            "candidate": candidate, "rewritten": len(arts[candidate].details["winograd"]["rewritten"]),
+            "eligible": arts[candidate].details["winograd"]["eligible"],
             "median_ms": {m: round(st.median_s * 1e3, 3) for m, st in stats.items()},
-            "auto_speedup": round(speedup(stats, "off", "auto"), 3),
+            "speedup": round(speedup(stats, "off", candidate), 3),
             "bytes": {m: a.details["bytes"] for m, a in arts.items()},
-            "max_abs_diff": float(np.abs(outs["off"] - outs["auto"]).max())}
+            "max_abs_diff": float(np.abs(outs["off"] - outs[candidate]).max())}
 
 
 def main() -> None:
@@ -53,11 +55,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--blocks", type=int, default=10)
     p.add_argument("--per-block", type=int, default=10)
+    p.add_argument("--candidate", choices=["auto", "f2", "f4"], default="auto")
     args = p.parse_args()
     for component in args.components.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             print(json.dumps(compare_component(args.model, component, args.batch, args.blocks, args.per_block,
-                                               Path(tmp))), flush=True)
+                                               Path(tmp), args.candidate)), flush=True)
 
 
 if __name__ == "__main__":
