@@ -2,8 +2,8 @@
 
 Each layer shape is lowered three times with ExecuTorch's stock XNNPACK partitioner (a Conv2d, and
 `export.winograd.WinogradConv2d` with m=2 and m=4), run in ExecuTorch's Python runtime, batch 1,
-fp32, timed in --repeats alternating blocks of 3 calls (`runtimes.profiler`), median. The rows go into export/winograd_table.py under
-"executorch"; a Markdown table is printed for docs/BENCHMARKS.md.
+fp32, timed in --repeats alternating blocks of 3 calls (`runtimes.profiler`), median. The rows go into
+export/winograd_table.py under "executorch"; a Markdown table is printed for docs/BENCHMARKS.md.
 
     flock /tmp/heavy.lock .venv/bin/python bench/winograd_executorch.py fashion@64 arch:sd15@512 --limit 8
 """

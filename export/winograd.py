@@ -5,7 +5,7 @@ A Conv (3x3, stride 1, dilation 1, pad 1, one group, weights as an initializer) 
     Pad each channel plane to whole tiles (sizes computed in the graph, so dynamic height/width still
     work) and stack the planes into one tall image
     -> input transform B^T d B: one Conv (a x a kernel, stride m, a^2 outputs), already in the
-       [a^2, N, C, tiles] layout of the next step
+       [a^2, N, C, tiles] layout of the next step once a Slice drops each plane's straddling tile row
     -> batched MatMul with the weights G g G^T (transformed at export time, in float64)
     -> output transform A^T M A and tile interleave: one stride-m ConvTranspose
     -> Slice off the padding, add the bias.

@@ -5,7 +5,7 @@ that ran before (whose thread pool may still be spinning, onnxruntime's default)
 this runner's caches are warm; the block's remaining calls are timed. The runner order rotates from
 block to block, so no runner always follows the same one. Interleaving single calls instead lets one
 runtime's spinning threads steal the cores from the next call: measured here on one conv layer, that
-moved a direct-vs-Winograd ratio from 1.5x (blocks) to 3.4x (single calls).
+moved a direct-vs-Winograd ratio from 1.35-1.47x (blocks) to 3.1-3.7x (single calls).
 """
 
 from __future__ import annotations

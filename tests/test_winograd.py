@@ -147,7 +147,7 @@ def test_auto_mode_follows_the_measured_table(tmp_path, monkeypatch):
     sizes = conv_input_sizes(module, example_inputs(bundle, "unet"))
     keys = {path: conv_shape_key(conv.in_channels, conv.out_channels, *sizes[path])
             for path, conv in module.named_modules() if eligible_module(conv)}
-    first, second = sorted(set(keys.values()))[:2]  # one shape that wins with F4, one that loses by a little
+    first, second = sorted(set(keys.values()))[:2]  # one shape that wins with F4; one 25 % faster but under 1 ms saved
     table = {**winograd_table.TABLE, "onnx": {
         first: {"where": "test", "direct_ms": 4.0, "f2_ms": 3.5, "f4_ms": 2.0},
         second: {"where": "test", "direct_ms": 4.0, "f2_ms": 3.5, "f4_ms": 3.2}}}
