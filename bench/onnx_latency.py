@@ -9,7 +9,9 @@ timed ones, per graph per block) so machine noise hits both alike; medians are r
     flock /tmp/heavy.lock .venv/bin/python bench/onnx_latency.py fashion arch:sd15 --calls 5 1 --blocks 6 3
 
 `--profile N` then runs each graph N more times under onnxruntime's profiler and prints where the time
-goes per kernel type (after onnxruntime's own graph rewrites, so these are the kernels that really ran).
+goes (each kernel's median over the N calls), by kernel type and by role in the U-Net (linear layers,
+attention, Winograd products and transforms, ...), after onnxruntime's own graph rewrites, so these are
+the kernels that really ran.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import datetime
 import gc
 import json
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -45,8 +48,30 @@ def cpu_model() -> str:
     return f"{name}, {torch.get_num_threads()} threads / {len(__import__('os').sched_getaffinity(0))} cores"
 
 
-def op_profile(path: Path, feeds: dict[str, np.ndarray], runs: int, work: Path) -> dict[str, float]:
-    """Mean ms per call spent in each kernel type over `runs` profiled calls (after one warm-up)."""
+def _role(name: str, op: str, inputs: list[dict]) -> str:
+    """What a profiled kernel does in a U-Net graph, for the time breakdown by role."""
+    scope = name.rsplit("/", 1)[0]
+    if "/winograd" in name:
+        return "Winograd products" if op == "MatMul" else "Winograd transforms, pads, slices"
+    if op in ("MultiHeadAttention", "Attention"):
+        return "fused attention"
+    if op == "Softmax" or (op == "MatMul" and re.search(r"/attn\d+$", scope)):
+        return "attention products and softmax (unfused)"
+    if op in ("MatMul", "Gemm", "FusedMatMul"):
+        return "linear layers"
+    if op in ("Conv", "FusedConv", "NchwcConv"):
+        kernel = next(iter(inputs[1].values()))[2:] if len(inputs) > 1 else []
+        return "1x1 convolutions" if kernel == [1, 1] else "other convolutions"
+    if op.startswith("Reorder"):
+        return "NCHWc layout reorders"
+    return "everything else"
+
+
+def op_profile(path: Path, feeds: dict[str, np.ndarray], runs: int, work: Path) -> dict[str, dict[str, float]]:
+    """Kernel ms per call by op type and by role: each kernel's median over `runs` profiled calls (after a warm-up).
+
+    Medians per kernel, not means: on a shared host one preempted kernel can take 100x its usual time.
+    """
     opts = ort.SessionOptions()
     opts.enable_profiling = True
     opts.profile_file_prefix = str(work / f"profile_{path.parent.name}")
@@ -57,13 +82,22 @@ def op_profile(path: Path, feeds: dict[str, np.ndarray], runs: int, work: Path) 
         sess.run(None, feeds)
     wall_ms = (time.perf_counter() - t_start) * 1e3 / runs
     events = json.loads(Path(sess.end_profiling()).read_text())
-    runs_seen = [e for e in events if e.get("name") == "model_run"]
-    first_timed = runs_seen[-runs]["ts"]
-    totals: dict[str, float] = {}
+    first_timed = [e for e in events if e.get("name") == "model_run"][-runs]["ts"]
+    durations: dict[str, list[float]] = {}
+    kinds: dict[str, tuple[str, str]] = {}
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first_timed:
-            totals[e["args"]["op_name"]] = totals.get(e["args"]["op_name"], 0.0) + e["dur"] / 1e3 / runs
-    return {"wall_ms": wall_ms, **dict(sorted(totals.items(), key=lambda kv: -kv[1]))}
+            node, op = e["name"][: -len("_kernel_time")], e["args"]["op_name"]
+            durations.setdefault(node, []).append(e["dur"] / 1e3)
+            kinds[node] = (op, _role(node, op, e["args"].get("input_type_shape", [])))
+    by_op: dict[str, float] = {}
+    by_role: dict[str, float] = {}
+    for node, ds in durations.items():
+        op, role = kinds[node]
+        by_op[op] = by_op.get(op, 0.0) + float(np.median(ds))
+        by_role[role] = by_role.get(role, 0.0) + float(np.median(ds))
+    ordered = lambda d: dict(sorted(d.items(), key=lambda kv: -kv[1]))  # noqa: E731
+    return {"wall_ms": wall_ms, "kernel_ms": sum(by_op.values()), "by_op": ordered(by_op), "by_role": ordered(by_role)}
 
 
 def bench_model(spec: str, calls: int, blocks: int, batch: int, precision: str, winograd: str, work: Path,
@@ -142,8 +176,10 @@ def main() -> None:
               f"fused attention plain {r['fused_attention']['plain']} / pocketdiff {r['fused_attention']['pocketdiff']}; "
               f"winograd {r['winograd']}; max |diff| {r['max_abs_diff']:.2e}", flush=True)
         for name, prof in r["profile_ms"].items():
-            kernels = ", ".join(f"{op} {ms:.1f}" for op, ms in list(prof.items())[1:13])
-            print(f"  {name} profile (ms per call, {prof['wall_ms']:.1f} wall): {kernels}", flush=True)
+            kernels = ", ".join(f"{op} {ms:.1f}" for op, ms in list(prof["by_op"].items())[:12])
+            roles = ", ".join(f"{role} {ms:.1f}" for role, ms in prof["by_role"].items())
+            print(f"  {name} profile, ms per call ({prof['wall_ms']:.1f} wall, {prof['kernel_ms']:.1f} in kernels): "
+                  f"by op type: {kernels}; by role: {roles}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({**header, "results": results}, indent=2))
 

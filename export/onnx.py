@@ -1,7 +1,8 @@
 """The ONNX exporter: optimum-style folders (onnx/unet/model.onnx + config.json), fp32 or fp16, fused attention.
 
 Each component is traced from its `export.components` wrapper with dynamic batch and image axes,
-attention emitted as onnxruntime's fused MultiHeadAttention (`export.attention`), 3x3 convolutions
+attention emitted as onnxruntime's fused MultiHeadAttention (`export.attention`), GEGLU feed-forward
+layers as two projections (`export.feedforward`), 3x3 convolutions
 rewritten to Winograd form where the measured table says it wins (`export.winograd`). fp16 graphs
 keep fp32 islands: always the timestep embedding, and more (normalisations and attention, then the
 whole graph) when a trial run shows NaN, Inf, a black image or a drift from the fp32 reference.
@@ -27,6 +28,7 @@ from ..bundle import Bundle
 from ..errors import GateError, UnsupportedOpError
 from ..fileio import atomic_write_json
 from .attention import attention_form, choose_form, count_onnx_fused, intended_fused_count
+from .feedforward import split_geglu
 from .base import Artifact, ExportOptions, register_exporter
 from .winograd import apply_winograd, conv_input_sizes, effective_mode
 from .components import example_inputs, export_resolutions, locate_op, resolution_multiple, wrap
@@ -318,7 +320,7 @@ class OnnxExporter:
         scratch = Path(tempfile.mkdtemp(prefix="onnx-", dir=out))
         try:
             used: set[str] = set()
-            with attention_form(spec.module, form, used):
+            with attention_form(spec.module, form, used), split_geglu(spec.module):
                 trace_to_onnx(spec.module, feeds, spec.input_names, spec.output_names, spec.dynamic_axes,
                               scratch / "model.onnx")
             model = onnx.load(str(scratch / "model.onnx"))

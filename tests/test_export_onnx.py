@@ -13,6 +13,7 @@ from pocketdiff.errors import ConfigError, GateError, ShapeError, UnsupportedOpE
 from pocketdiff.export.attention import FORMS, attention_form, attention_modules, count_onnx_fused
 from pocketdiff.export.base import ArtifactSet, ExportOptions, export_bundle
 from pocketdiff.export.components import example_inputs, locate_op, wrap
+from pocketdiff.export.feedforward import split_geglu
 from pocketdiff.export.onnx import OnnxExporter, fp16_trouble
 from pocketdiff.runtimes.base import open_session
 from pocketdiff.zoo import build_arch
@@ -53,6 +54,24 @@ def test_fused_attention_count_is_intended(tiny, fp32_dir):
         assert a.details["fused_attention"] == a.details["fused_attention_intended"]
     model = onnx.load(str(fp32_dir / aset.find("onnx", "unet").path))
     assert not [n for n in model.graph.node if n.op_type == "Softmax"]  # no unfused attention left
+
+
+def test_geglu_is_traced_as_two_projections(tiny, fp32_dir):
+    spec = wrap(tiny, "unet")
+    feeds = example_inputs(tiny, "unet", 2)
+    geglu = tiny.unet.down_blocks[0].attentions[0].transformer_blocks[0].ff.net[0]
+    with torch.no_grad():
+        ref = spec.module(**feeds)
+        with split_geglu(spec.module) as n:
+            assert "forward" in geglu.__dict__
+            out = spec.module(**feeds)
+    assert n == len(attention_modules(tiny.unet)) // 2  # one feed-forward per block of two attentions
+    assert torch.allclose(ref, out, atol=1e-6)
+    assert "forward" not in geglu.__dict__
+    model = onnx.load(str(fp32_dir / ArtifactSet.load(fp32_dir).find("onnx", "unet").path))
+    ff = [node.op_type for node in model.graph.node if "/ff/" in node.name]
+    assert ff.count("MatMul") == 3 * n  # value, gate, output projections
+    assert not {"Slice", "Split", "Shape", "Gather"} & set(ff)  # no split of a [B, S, 2F] tensor, no shape math
 
 
 @pytest.mark.parametrize("form", FORMS)
