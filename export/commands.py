@@ -38,6 +38,8 @@ def _export(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--winograd", choices=["auto", "off", "f2", "f4"], default="auto",
                    help="3x3 convolutions in Winograd form: where the measured table says faster (auto), never, "
                         "or everywhere with F(2x2,3x3) / F(4x4,3x3)")
+    p.add_argument("--fp16-norms", choices=["fp32", "fp16"], default="fp32",
+                   help="ExecuTorch fp16: compute GroupNorm/LayerNorm in fp32 (accurate, default) or fp16 (faster)")
     p.add_argument("--out", type=path_arg, required=True, help="artifact folder (written atomically)")
 
     def run(args: argparse.Namespace) -> None:
@@ -49,7 +51,8 @@ def _export(p: argparse.ArgumentParser) -> Handler:
         options = ExportOptions(components=tuple(args.components), precision=args.precision,
                                 batch_sizes=args.batch_sizes or (1,), resolutions=args.resolutions,
                                 extra={"deployment_target": args.deployment_target, "winograd": args.winograd,
-                                       "executorch_delegate": args.executorch_delegate})
+                                       "executorch_delegate": args.executorch_delegate,
+                                       "fp16_norms": args.fp16_norms})
         bundle = load_model(args.model)
         model = args.model if not Path(args.model).exists() else str(Path(args.model).resolve())
         aset = export_bundle(bundle, model, args.targets, options, args.out,

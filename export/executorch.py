@@ -41,58 +41,82 @@ _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int
 _DELEGATE = "executorch_call_delegate"
 
 
-class XnnpackGroupNorm(nn.Module):
-    """GroupNorm as reshape + mean over the two innermost dims + rsqrt: ops XNNPACK delegates."""
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` in `dtype`, with no cast op traced when it already is."""
+    return t if t.dtype == dtype else t.to(dtype)
 
-    def __init__(self, norm: nn.GroupNorm):
+
+class XnnpackGroupNorm(nn.Module):
+    """GroupNorm as reshape + mean over the two innermost dims + rsqrt: ops XNNPACK delegates.
+
+    With `upcast` an fp16 input is normalised in fp32 and the result cast back (see `NORM_STATISTICS`).
+    """
+
+    def __init__(self, norm: nn.GroupNorm, upcast: bool = False):
         super().__init__()
         self.groups, self.eps, self.weight, self.bias = norm.num_groups, norm.eps, norm.weight, norm.bias
+        self.upcast = upcast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, c = x.shape, x.shape[1]
-        y = x.reshape(shape[0], self.groups, c // self.groups, -1)
-        centred = y - y.mean(dim=(2, 3), keepdim=True)
-        var = (centred * centred).mean(dim=(2, 3), keepdim=True)
-        y = (centred * torch.rsqrt(var + self.eps)).reshape(shape)
-        if self.weight is None:
-            return y
-        affine = (1, c) + (1,) * (x.dim() - 2)
-        return y * self.weight.reshape(affine) + self.bias.reshape(affine)
-
-
-class XnnpackLayerNorm(nn.Module):
-    """LayerNorm over the last dim as a 4D mean over the two innermost dims: ops XNNPACK delegates."""
-
-    def __init__(self, norm: nn.LayerNorm):
-        super().__init__()
-        if len(norm.normalized_shape) != 1:
-            raise ConfigError(f"LayerNorm over {tuple(norm.normalized_shape)} has no XNNPACK form here")
-        self.eps, self.weight, self.bias = norm.eps, norm.weight, norm.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = x.reshape(1, -1, 1, shape[-1])
+        work = torch.float32 if self.upcast else x.dtype
+        y = _as(x, work).reshape(shape[0], self.groups, c // self.groups, -1)
         centred = y - y.mean(dim=(2, 3), keepdim=True)
         var = (centred * centred).mean(dim=(2, 3), keepdim=True)
         y = (centred * torch.rsqrt(var + self.eps)).reshape(shape)
         if self.weight is not None:
-            y = y * self.weight
+            affine = (1, c) + (1,) * (x.dim() - 2)
+            y = y * _as(self.weight, work).reshape(affine) + _as(self.bias, work).reshape(affine)
+        return _as(y, x.dtype)
+
+
+class XnnpackLayerNorm(nn.Module):
+    """LayerNorm over the last dim as a 4D mean over the two innermost dims: ops XNNPACK delegates.
+
+    With `upcast` an fp16 input is normalised in fp32 and the result cast back (see `NORM_STATISTICS`).
+    """
+
+    def __init__(self, norm: nn.LayerNorm, upcast: bool = False):
+        super().__init__()
+        if len(norm.normalized_shape) != 1:
+            raise ConfigError(f"LayerNorm over {tuple(norm.normalized_shape)} has no XNNPACK form here")
+        self.eps, self.weight, self.bias, self.upcast = norm.eps, norm.weight, norm.bias, upcast
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        work = torch.float32 if self.upcast else x.dtype
+        y = _as(x, work).reshape(1, -1, 1, shape[-1])
+        centred = y - y.mean(dim=(2, 3), keepdim=True)
+        var = (centred * centred).mean(dim=(2, 3), keepdim=True)
+        y = (centred * torch.rsqrt(var + self.eps)).reshape(shape)
+        if self.weight is not None:
+            y = y * _as(self.weight, work)
         if self.bias is not None:
-            y = y + self.bias
-        return y
+            y = y + _as(self.bias, work)
+        return _as(y, x.dtype)
 
 
-def rewrite_norms(module: nn.Module) -> tuple[nn.Module, int]:
+# How fp16 graphs normalise: "fp32" (default) computes every GroupNorm / LayerNorm in fp32 between two casts,
+# "fp16" in fp16. Measured on the built-in model (docs/BENCHMARKS.md): an fp16 U-Net with fp16 norms took the
+# 8-step guided end-to-end PSNR to 36.59 dB (gate 35), with fp32 norms 57.46 dB; the casts run outside XNNPACK
+# and split its graph (178 -> 350 delegate calls), so the batch-2 U-Net call is 1.24x slower (72.1 vs 58.0 ms).
+NORM_STATISTICS = ("fp32", "fp16")
+
+
+def rewrite_norms(module: nn.Module, statistics: str = "fp32") -> tuple[nn.Module, int]:
     """A copy of `module` with every GroupNorm / LayerNorm in its XNNPACK form, and how many were rewritten."""
+    if statistics not in NORM_STATISTICS:
+        raise ConfigError(f"unknown norm statistics {statistics!r}; choose from {', '.join(NORM_STATISTICS)}")
+    upcast = statistics == "fp32"
     module = copy.deepcopy(module)
     count = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.GroupNorm):
-                setattr(parent, name, XnnpackGroupNorm(child))
+                setattr(parent, name, XnnpackGroupNorm(child, upcast))
                 count += 1
             elif isinstance(child, nn.LayerNorm) and len(child.normalized_shape) == 1:
-                setattr(parent, name, XnnpackLayerNorm(child))
+                setattr(parent, name, XnnpackLayerNorm(child, upcast))
                 count += 1
     return module, count
 
@@ -230,18 +254,19 @@ def delegate_of(options: ExportOptions) -> str:
     return name
 
 
-def prepare(module: nn.Module) -> tuple[nn.Module, int]:
+def prepare(module: nn.Module, norm_statistics: str = "fp32") -> tuple[nn.Module, int]:
     """pocketdiff's rewrites for XNNPACK: norms in delegable form; returns the copy and the rewrite count."""
-    return rewrite_norms(module)
+    return rewrite_norms(module, norm_statistics)
 
 
 def pocketdiff_lowering(module: nn.Module, inputs: dict[str, dict[str, torch.Tensor]],
                         component: str = "module", delegate: str = "xnnpack",
-                        winograd: str = "auto") -> tuple[bytes, dict[str, Any]]:
+                        winograd: str = "auto", norm_statistics: str = "fp32") -> tuple[bytes, dict[str, Any]]:
     """pocketdiff's lowering of `module` (fp32 or fp16, as its weights and inputs are) for the given
     per-method inputs, to the named delegate. 3x3 convolutions go to Winograd form where the XNNPACK
-    table (measured in fp32, at the first method's shapes) says they win, or everywhere with "f2"/"f4"."""
-    prepared, rewritten = prepare(module)
+    table (measured in fp32, at the first method's shapes) says they win, or everywhere with "f2"/"f4".
+    `norm_statistics` is how an fp16 graph normalises (`NORM_STATISTICS`); fp32 graphs are the same either way."""
+    prepared, rewritten = prepare(module, norm_statistics)
     first = next(iter(inputs.values()))
     fp32 = all(t.dtype != torch.float16 for t in first.values())
     mode = effective_mode(winograd, fp32) if delegate == "xnnpack" else "off"
@@ -250,8 +275,8 @@ def pocketdiff_lowering(module: nn.Module, inputs: dict[str, dict[str, torch.Ten
         programs = export_programs(prepared, inputs, component)
     partitioners, backend = DELEGATES[delegate]
     data, counts = lower(programs, component, partitioners())
-    return data, {"norms_rewritten": rewritten, "attention_form": ATTENTION_FORM, "ops": counts, "delegate": backend,
-                  "winograd": wino}
+    return data, {"norms_rewritten": rewritten, "norm_statistics": "fp32" if fp32 else norm_statistics,
+                  "attention_form": ATTENTION_FORM, "ops": counts, "delegate": backend, "winograd": wino}
 
 
 def plain_xnnpack_lowering(module: nn.Module, feeds: dict[str, torch.Tensor]) -> bytes:
@@ -289,7 +314,8 @@ class ExecutorchExporter:
                 feeds = example_inputs(bundle, component, b, r, dtype=dtype)
                 per_method.setdefault(method_name(feeds), feeds)
         data, details = pocketdiff_lowering(module, per_method, component, delegate,
-                                            options.extra.get("winograd", "auto"))
+                                            options.extra.get("winograd", "auto"),
+                                            options.extra.get("fp16_norms", "fp32"))
         final = out / PTE_DIR / f"{component}.pte"
         atomic_write_bytes(final, data)
         with torch.no_grad():

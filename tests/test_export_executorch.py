@@ -1,5 +1,7 @@
 """ExecuTorch export on arch:tiny: parity with PyTorch in the real runtime, shapes, and bad input."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ from torch import nn
 
 import pocketdiff.export.executorch as et_export  # registers the "executorch" exporter
 import pocketdiff.runtimes.executorch  # noqa: F401  registers the "executorch" runtime
-from pocketdiff.errors import CorruptFileError, InputPathError, ShapeError, UnsupportedOpError
+from pocketdiff.errors import ConfigError, CorruptFileError, InputPathError, ShapeError, UnsupportedOpError
 from pocketdiff.export.base import ArtifactSet, ExportOptions, export_bundle
 from pocketdiff.export.components import example_inputs, wrap
 from pocketdiff.runtimes.base import open_session
@@ -68,6 +70,31 @@ def test_norm_rewrites_are_exact():
         assert torch.allclose(et_export.XnnpackLayerNorm(ln)(x3), ln(x3), atol=1e-5)
 
 
+def test_fp16_norms_upcast_to_fp32_and_fp32_graphs_get_no_casts():
+    torch.manual_seed(0)
+    gn, ln = nn.GroupNorm(4, 16), nn.LayerNorm(16)
+    nn.init.normal_(gn.weight), nn.init.normal_(ln.bias)
+    x4, x3 = torch.randn(2, 16, 5, 7) * 30 + 10, torch.randn(2, 9, 16) * 20 - 10
+    for norm, form, x in [(gn, et_export.XnnpackGroupNorm, x4), (ln, et_export.XnnpackLayerNorm, x3)]:
+        half = copy.deepcopy(norm).half()
+        with torch.no_grad():
+            ref = copy.deepcopy(half).float()(x.half().float())  # fp32 norm of the fp16 input and weights
+            out = form(half, upcast=True)(x.half())
+        assert out.dtype == torch.float16
+        # fp32 arithmetic, one rounding to fp16 at the end: within half an fp16 ulp of the fp32 result (+ fp32 noise)
+        assert ((out.float() - ref).abs() <= ref.abs() * 2 ** -11 + 1e-4).all()
+
+    def casts(module: nn.Module, x: torch.Tensor) -> int:
+        graph = torch.export.export(module, (x,)).graph
+        return sum("to_copy" in str(n.target) or "aten.to" in str(n.target) for n in graph.nodes)
+
+    assert casts(et_export.XnnpackGroupNorm(gn, upcast=True), x4) == 0  # fp32 in: nothing to cast
+    assert casts(et_export.XnnpackGroupNorm(copy.deepcopy(gn).half(), upcast=True), x4.half()) >= 2
+    assert casts(et_export.XnnpackGroupNorm(copy.deepcopy(gn).half(), upcast=False), x4.half()) == 0
+    with pytest.raises(ConfigError, match="norm statistics"):
+        et_export.rewrite_norms(nn.Sequential(gn), "bf16")
+
+
 def test_shape_outside_export_is_shape_error(tiny, exported):
     aset, folder = exported["vae_decoder"]
     session = open_session(aset.find("executorch", "vae_decoder"), folder)
@@ -120,6 +147,7 @@ def test_fp16_program_is_delegated_and_close(tiny, tmp_path):
                          ExportOptions(components=("unet",), batch_sizes=(1,), precision="fp16"), tmp_path / "a")
     artifact = aset.find("executorch", "unet")
     assert artifact.precision == "fp16" and artifact.inputs["sample"]["dtype"] == "float16"
+    assert artifact.details["norm_statistics"] == "fp32"  # the default: norms computed in fp32 between casts
     ops = artifact.details["ops"]["b1_8x8"]
     assert ops["delegates"] >= 1
     assert not any("convolution" in k or "addmm" in k or "bmm" in k for k in ops["outside_delegates"]), ops
