@@ -99,7 +99,7 @@ class XnnpackLayerNorm(nn.Module):
 # How fp16 graphs normalise: "fp32" (default) computes every GroupNorm / LayerNorm in fp32 between two casts,
 # "fp16" in fp16. Measured on the built-in model (docs/BENCHMARKS.md): an fp16 U-Net with fp16 norms took the
 # 8-step guided end-to-end PSNR to 36.59 dB (gate 35), with fp32 norms 57.46 dB; the casts run outside XNNPACK
-# and split its graph (178 -> 350 delegate calls), so the batch-2 U-Net call is 1.24x slower (72.1 vs 58.0 ms).
+# and split its graph (178 -> 350 delegate calls), so the batch-2 U-Net call is 1.24-1.35x slower (two runs).
 NORM_STATISTICS = ("fp32", "fp16")
 
 
