@@ -70,7 +70,7 @@ def _role(name: str, op: str, inputs: list[dict]) -> str:
 def op_profile(path: Path, feeds: dict[str, np.ndarray], runs: int, work: Path) -> dict[str, dict[str, float]]:
     """Kernel ms per call by op type and by role: each kernel's median over `runs` profiled calls (after a warm-up).
 
-    Medians per kernel, not means: on a shared host one preempted kernel can take 100x its usual time.
+    Medians per kernel, not means: on a shared host one preempted call of a kernel can take tens of times its usual time.
     """
     opts = ort.SessionOptions()
     opts.enable_profiling = True
