@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli import Handler, command, emit, path_arg
+from ..commands import Handler, command, emit, path_arg
 from ..errors import ConfigError
 from ..sources import DEFAULT_MODEL
 

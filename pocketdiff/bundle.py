@@ -38,17 +38,21 @@ class Manifest:
     passes: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     content_hash: str | None = None
+    # How the model is meant to be sampled (scheduler, steps, guidance_scale): a distilled student's
+    # step count and guidance travel with it, and generate / eval / validate / export default to them.
+    sampling: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The pocketdiff.json contents."""
         return {"pocketdiff_version": __version__, "source": self.source, "passes": self.passes,
-                "metrics": self.metrics, "content_hash": self.content_hash}
+                "metrics": self.metrics, "content_hash": self.content_hash, "sampling": self.sampling}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Manifest:
         """A Manifest from pocketdiff.json contents (missing keys default to empty)."""
         return cls(source=data.get("source", {}), passes=list(data.get("passes", [])),
-                   metrics=dict(data.get("metrics", {})), content_hash=data.get("content_hash"))
+                   metrics=dict(data.get("metrics", {})), content_hash=data.get("content_hash"),
+                   sampling=dict(data.get("sampling", {})))
 
 
 @dataclass

@@ -6,26 +6,11 @@ Exit codes: 0 success, 1 failure (including a quality gate missed), 2 usage or b
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
 
 from . import __version__
 from .errors import PocketdiffError, UserError
-
-Handler = Callable[[argparse.Namespace], Any]
-Setup = Callable[[argparse.ArgumentParser], Handler]
-_COMMANDS: dict[str, tuple[Setup, str]] = {}
-
-
-def command(name: str, help: str) -> Callable[[Setup], Setup]:
-    """Register a subcommand: the decorated function adds its arguments and returns its handler."""
-    def wrap(setup: Setup) -> Setup:
-        _COMMANDS[name] = (setup, help)
-        return setup
-    return wrap
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,14 +22,14 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser with every registered subcommand."""
-    from . import commands  # noqa: F401  (registers the subcommands)
-    from .export import commands as _export_commands  # noqa: F401  (export, validate)
+    from .commands import COMMANDS, model, run  # noqa: F401  (model, run: register their subcommands)
+    from .export import commands as _export  # noqa: F401  (export, validate)
 
     parser = _Parser(prog="pocketdiff", description="Make Stable-Diffusion-family models small, fast and "
                      "validated on phones.")
     parser.add_argument("--version", action="version", version=f"pocketdiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for name, (setup, help_text) in _COMMANDS.items():
+    for name, (setup, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
         p.add_argument("-v", "--verbose", action="store_true", help="show library warnings and tracebacks")
@@ -63,11 +48,6 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore")
     for name in ("torchao", "torch._dynamo", "torch.utils._pytree", "coremltools", "nncf", "root"):
         logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def emit(args: argparse.Namespace, result: Any, text: str) -> None:
-    """Print `result` as JSON with --json, else the human text."""
-    print(json.dumps(result, indent=2, default=str) if args.json else text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -89,7 +69,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("pocketdiff: interrupted; finished stages are kept, rerun to resume", file=sys.stderr)
         return 130
 
-
-def path_arg(value: str) -> Path:
-    """argparse type for paths."""
-    return Path(value)

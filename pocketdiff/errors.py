@@ -51,3 +51,9 @@ class GateError(PocketdiffError):
     """A measured quality or parity figure that missed its gate."""
 
     exit_code = 1
+
+
+class Unfinished(PocketdiffError):
+    """A run that stopped at its time limit with a stage unfinished; rerunning resumes it."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again

@@ -1,62 +1,21 @@
-"""Passes, their registry, and TOML recipes (ordered lists of passes with settings).
+"""TOML recipes: ordered lists of registered passes with typed settings.
 
-A Pass has one job: `Bundle -> Bundle` plus a report of what it changed. Passes register under a
-name; a recipe names them in order. Settings are dataclasses, so an unknown or mistyped setting is
-caught when the recipe is read, before any work starts.
+A recipe names a model (and optionally the teacher that training passes distil from), passes in
+order with their settings, and how to sample the result. Settings are dataclasses read by
+`pocketdiff.settings`, so an unknown, mistyped or out-of-range setting fails when the recipe is
+read, before any work starts.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import tomllib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any
 
-from .bundle import Bundle
 from .errors import RecipeError
-from .registry import Registry
-
-
-class Pass(Protocol):
-    """One transformation of a Bundle."""
-
-    name: ClassVar[str]
-    Settings: ClassVar[type]
-
-    def apply(self, bundle: Bundle, settings: Any) -> tuple[Bundle, dict[str, Any]]:
-        """Return the new Bundle and a report of what changed (measured figures only)."""
-        ...
-
-
-def _load_builtin_passes() -> None:
-    from . import passes  # noqa: F401  (registers on import)
-
-
-PASSES: Registry[Pass] = Registry("name", RecipeError, lambda name: f"unknown pass {name!r}", load=_load_builtin_passes)
-register_pass = PASSES.register
-get_pass = PASSES.create
-
-
-def parse_settings(pass_name: str, raw: dict[str, Any]) -> Any:
-    """Build the pass's Settings dataclass from a TOML table; RecipeError on unknown keys or bad types."""
-    cls = type(get_pass(pass_name)).Settings
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise RecipeError(f"pass {pass_name!r} has no setting {unknown[0]!r}; settings: {', '.join(fields) or 'none'}")
-    hints = typing.get_type_hints(cls)
-    for key, value in raw.items():
-        expected = hints[key]
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            continue
-        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise RecipeError(f"pass {pass_name!r}: setting {key!r} must be {expected.__name__}, got {value!r}")
-    try:
-        return cls(**raw)
-    except (ValueError, TypeError) as e:
-        raise RecipeError(f"pass {pass_name!r}: {e}") from e
+from .passes import get_pass, parse_settings
+from .settings import as_plain, parse, setting
 
 
 @dataclass
@@ -68,7 +27,23 @@ class Stage:
 
     def settings_dict(self) -> dict[str, Any]:
         """The settings as plain data (for manifests and cache keys)."""
-        return dataclasses.asdict(self.settings)
+        return as_plain(self.settings)
+
+
+@dataclass
+class SampleSettings:
+    """The recipe's `[sample]` table: what to draw from the final Bundle (unset: the Bundle's own defaults)."""
+
+    prompts: list[str] = setting(default_factory=lambda: ["a photo of a sneaker"], help="prompts to draw")
+    steps: int | None = setting(None, min=1, max=1000, help="sampling steps")
+    scheduler: str | None = setting(None, help="sampling scheduler")
+    guidance_scale: float | None = setting(None, min=0.0, max=100.0, help="classifier-free guidance scale")
+    negative_prompt: str = ""
+    seed: int = setting(0, min=0, max=2**63 - 1, help="seed of the first image")
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise ValueError("prompts must list at least one prompt")
 
 
 @dataclass
@@ -77,11 +52,9 @@ class Recipe:
 
     model: str
     stages: list[Stage]
-    sample: dict[str, Any] = field(default_factory=dict)
+    sample: SampleSettings | None = None
     source: str = ""
-
-
-SAMPLE_KEYS = {"prompts", "steps", "scheduler", "guidance_scale", "seed", "negative_prompt"}
+    teacher: str | None = None  # the model training passes distil from (default: `model`)
 
 
 def builtin_recipes() -> dict[str, Path]:
@@ -90,7 +63,7 @@ def builtin_recipes() -> dict[str, Path]:
 
 
 def load_recipe(spec: str | Path) -> Recipe:
-    """Read a recipe from a TOML file or a built-in recipe name."""
+    """Read a recipe from a TOML file or a built-in recipe name; every setting is checked here."""
     path = builtin_recipes().get(str(spec), Path(spec))
     if not path.is_file():
         raise RecipeError(f"{spec}: no such recipe file; built-in recipes: {', '.join(builtin_recipes())}")
@@ -98,18 +71,23 @@ def load_recipe(spec: str | Path) -> Recipe:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise RecipeError(f"{path}: not valid TOML ({e})") from e
-    unknown = sorted(set(data) - {"model", "pass", "sample"})
+    unknown = sorted(set(data) - {"model", "teacher", "pass", "sample"})
     if unknown:
-        raise RecipeError(f"{path}: unknown top-level key {unknown[0]!r} (use model, [[pass]], [sample])")
+        raise RecipeError(f"{path}: unknown top-level key {unknown[0]!r} (use model, teacher, [[pass]], [sample])")
+    for key in ("model", "teacher"):
+        if key in data and not isinstance(data[key], str):
+            raise RecipeError(f"{path}: {key} must be a string naming a model, got {data[key]!r}")
+    tables = data.get("pass", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise RecipeError(f"{path}: pass must be an array of tables ([[pass]] with a name each)")
     stages = []
-    for i, table in enumerate(data.get("pass", [])):
+    for i, table in enumerate(tables):
         table = dict(table)
-        if "name" not in table:
-            raise RecipeError(f"{path}: [[pass]] number {i + 1} has no name")
-        name = table.pop("name")
+        name = table.pop("name", None)
+        if not isinstance(name, str):
+            raise RecipeError(f"{path}: [[pass]] number {i + 1} has no name (a string)")
+        get_pass(name)
         stages.append(Stage(name, parse_settings(name, table)))
-    sample = dict(data.get("sample", {}))
-    bad = sorted(set(sample) - SAMPLE_KEYS)
-    if bad:
-        raise RecipeError(f"{path}: [sample] has no setting {bad[0]!r}; settings: {', '.join(sorted(SAMPLE_KEYS))}")
-    return Recipe(model=str(data.get("model", "fashion")), stages=stages, sample=sample, source=str(path))
+    sample = parse(SampleSettings, data["sample"], where=f"{path}: [sample]") if "sample" in data else None
+    return Recipe(model=data.get("model", "fashion"), stages=stages, sample=sample, source=str(path),
+                  teacher=data.get("teacher"))

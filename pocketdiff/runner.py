@@ -3,19 +3,25 @@
 Layout of a run folder:
     01-<pass>/ ... NN-<pass>/   one Bundle per finished stage (diffusers folder + pocketdiff.json)
                                 plus stage.json, written last: the stage's commit marker
+    .work/NN-<pass>-<key>/      a training pass's checkpoints and logs while its stage is unfinished
     samples/                    images sampled from the final Bundle, when the recipe has [sample]
-    run.json                    what happened this time (stages run or skipped, reports, seconds)
+    run.json                    what happened this time (stages run, reused or unfinished, reports)
 
 Each stage's key hashes the previous stage's key, the pass name and its settings (the first key
 hashes the source model's content hash). A stage folder whose stage.json holds the same key is
 reused; everything after the first changed stage is recomputed. Every write is atomic, so Ctrl-C
-or a failure leaves the finished stages intact and a rerun resumes from them.
+or a failure leaves the finished stages intact and a rerun resumes from them. A training pass that
+reaches the run's deadline ends its stage *unfinished*: nothing is written in the stage folder, the
+run stops there, and the next run hands the pass the same work folder (keyed by the stage key, so
+changed settings never resume a foreign checkpoint) to continue from its checkpoint. Every pass's
+`check` runs before the first stage does any work, so bad input fails in seconds.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,8 +33,11 @@ import torch
 from . import __version__
 from .bundle import Bundle
 from .fileio import atomic_dir, atomic_write_json, hash_json
-from .recipe import Recipe, Stage, get_pass
+from .passes import PassContext, get_pass
+from .recipe import Recipe, SampleSettings, Stage
 from .sources import load_model
+
+WORK = ".work"
 
 STAGE_FILE = "stage.json"
 
@@ -41,15 +50,15 @@ class StageResult:
     name: str
     folder: str
     key: str
-    status: str  # "ran" or "reused"
+    status: str  # "ran", "reused" or "unfinished"
     seconds: float
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def stage_key(previous: str, stage: Stage) -> str:
-    """The cache key of a stage: its input's key, its pass and its settings."""
+def stage_key(previous: str, stage: Stage, teacher: str = "") -> str:
+    """The cache key of a stage: its input's key, its pass, its settings and the teacher's key."""
     return hash_json({"input": previous, "pass": stage.name, "settings": stage.settings_dict(),
-                      "pocketdiff": __version__})
+                      "teacher": teacher, "pocketdiff": __version__})
 
 
 def stage_folder(run_dir: Path, index: int, stage: Stage) -> Path:
@@ -64,19 +73,60 @@ def _finished_key(folder: Path) -> str | None:
         return None
 
 
+def work_folder(run_dir: Path, index: int, stage: Stage, key: str) -> Path:
+    """Where stage `index`'s pass keeps checkpoints while unfinished (removed once the stage is written)."""
+    return run_dir / WORK / f"{index:02d}-{stage.name}-{key[:16]}"
+
+
+@dataclass
+class RunOptions:
+    """How a run executes: where, how long, and how it reports."""
+
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    time_limit_s: float | None = None
+    progress: bool = True
+    log: Callable[[str], None] = lambda _: None
+
+
 def run_recipe(recipe: Recipe, run_dir: Path, model: str | None = None, config: Path | None = None,
-               log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+               options: RunOptions | None = None) -> dict[str, Any]:
     """Execute `recipe` into `run_dir` (`model` overrides the recipe's; `config` is a single-file
-    checkpoint's config folder); returns a summary, also written to run.json."""
+    checkpoint's config folder); returns a summary, also written to run.json. The summary's
+    `finished` is False when a stage stopped at the time limit: run again to resume it."""
+    opts = options or RunOptions()
+    log = opts.log
     run_dir = Path(run_dir)
+    deadline = None if opts.time_limit_s is None else time.monotonic() + opts.time_limit_s
     spec = model or recipe.model
-    bundle: Bundle | None = load_model(spec, config=config)
-    key = hash_json({"model": spec, "content": bundle.manifest.content_hash or bundle.manifest.source})
-    results: list[StageResult] = []
+    source: Bundle | None = load_model(spec, config=config)
+    key = hash_json({"model": spec, "content": source.manifest.content_hash or source.manifest.source})
+    teacher_spec = recipe.teacher or spec
+    teacher_key = key if teacher_spec == spec else hash_json({"teacher": teacher_spec})
+
+    def teacher() -> Bundle:
+        return load_model(teacher_spec, config=config if teacher_spec == spec else None)
+
+    keys, contexts = [], []
     for i, stage in enumerate(recipe.stages, start=1):
-        key = stage_key(key, stage)
-        folder = stage_folder(run_dir, i, stage)
-        if _finished_key(folder) == key:
+        key = stage_key(key, stage, teacher_key)
+        keys.append(key)
+        contexts.append(PassContext(work_dir=work_folder(run_dir, i, stage, key), device=torch.device(opts.device),
+                                    dtype=opts.dtype, deadline=deadline, teacher_loader=teacher,
+                                    progress=opts.progress, log=log))
+    todo = [i for i, (stage, key) in enumerate(zip(recipe.stages, keys)) if _finished_key(
+        stage_folder(run_dir, i + 1, stage)) != key]
+    if todo:
+        first = todo[0]
+        bundle = source if first == 0 else Bundle.load(stage_folder(run_dir, first, recipe.stages[first - 1]))
+        for i in todo:  # checks that need only the input model and settings, before any work
+            get_pass(recipe.stages[i].name).check(bundle, recipe.stages[i].settings, contexts[i])
+    bundle = source
+    results: list[StageResult] = []
+    finished = True
+    for i, stage in enumerate(recipe.stages, start=1):
+        key, folder, ctx = keys[i - 1], stage_folder(run_dir, i, stage), contexts[i - 1]
+        if i - 1 not in todo:
             results.append(StageResult(i, stage.name, folder.name, key, "reused", 0.0,
                                        json.loads((folder / STAGE_FILE).read_text()).get("report", {})))
             log(f"[{i}/{len(recipe.stages)}] {stage.name}: unchanged, reusing {folder}")
@@ -86,36 +136,53 @@ def run_recipe(recipe: Recipe, run_dir: Path, model: str | None = None, config: 
             bundle = Bundle.load(stage_folder(run_dir, i - 1, recipe.stages[i - 2]))
         log(f"[{i}/{len(recipe.stages)}] {stage.name} ...")
         t0 = time.monotonic()
-        bundle, report = get_pass(stage.name).apply(bundle, stage.settings)
-        bundle.manifest.passes.append({"pass": stage.name, "settings": stage.settings_dict(), "report": report})
+        result = get_pass(stage.name).apply(bundle, stage.settings, ctx)
+        seconds = round(time.monotonic() - t0, 2)
+        if not result.finished:
+            results.append(StageResult(i, stage.name, folder.name, key, "unfinished", seconds, result.report))
+            log(f"[{i}/{len(recipe.stages)}] {stage.name}: unfinished after {seconds:.1f} s (time limit); "
+                "rerun to resume")
+            finished = False
+            bundle = None
+            break
+        bundle = result.bundle
+        bundle.manifest.passes.append({"pass": stage.name, "settings": stage.settings_dict(), "report": result.report})
         with atomic_dir(folder) as tmp:
             bundle.write_into(tmp)
-            seconds = round(time.monotonic() - t0, 2)
             atomic_write_json(tmp / STAGE_FILE, {"key": key, "pass": stage.name, "settings": stage.settings_dict(),
-                                                 "report": report, "seconds": seconds})
-        results.append(StageResult(i, stage.name, folder.name, key, "ran", seconds, report))
+                                                 "report": result.report, "seconds": seconds})
+        _remove_work(ctx.work_dir)
+        results.append(StageResult(i, stage.name, folder.name, key, "ran", seconds, result.report))
         log(f"[{i}/{len(recipe.stages)}] {stage.name}: done in {seconds:.1f} s")
-    final = bundle
-    if recipe.sample:
+    samples: list[str] = []
+    if finished and recipe.sample is not None:
+        final = bundle
         if final is None:
-            final = Bundle.load(stage_folder(run_dir, len(recipe.stages), recipe.stages[-1]))
+            final = (Bundle.load(stage_folder(run_dir, len(recipe.stages), recipe.stages[-1])) if recipe.stages
+                     else source)
         samples = _sample(final, recipe.sample, run_dir / "samples")
-    else:
-        samples = []
-    summary = {"recipe": recipe.source, "model": spec, "run_dir": str(run_dir),
-               "stages": [r.__dict__ for r in results], "samples": samples}
+    summary = {"recipe": recipe.source, "model": spec, "teacher": teacher_spec, "run_dir": str(run_dir),
+               "finished": finished, "stages": [r.__dict__ for r in results], "samples": samples}
     atomic_write_json(run_dir / "run.json", summary)
     return summary
 
 
-def _sample(bundle: Bundle, settings: dict[str, Any], out: Path) -> list[str]:
-    """Sample the final Bundle with the recipe's [sample] settings into `out`, atomically."""
+def _remove_work(work_dir: Path) -> None:
+    """Drop a finished stage's checkpoints, and the .work folder once it is empty."""
+    shutil.rmtree(work_dir, ignore_errors=True)
+    if work_dir.parent.is_dir() and not any(work_dir.parent.iterdir()):
+        work_dir.parent.rmdir()
+
+
+def _sample(bundle: Bundle, settings: SampleSettings, out: Path) -> list[str]:
+    """Sample the final Bundle with the recipe's [sample] settings (the Bundle's own where unset) into `out`."""
     from .sampler import SampleConfig, generate, to_pil
 
     bundle.to("cpu", torch.float32)  # the reference sampler runs in fp32 on the host
-    prompts = list(settings.get("prompts", ["a photo of a sneaker"]))
-    cfg = SampleConfig(**{k: v for k, v in settings.items() if k != "prompts"})
-    images = generate(bundle, prompts, cfg, progress=True)
+    cfg = SampleConfig.for_bundle(bundle, steps=settings.steps, scheduler=settings.scheduler,
+                                  guidance_scale=settings.guidance_scale, negative_prompt=settings.negative_prompt,
+                                  seed=settings.seed)
+    images = generate(bundle, settings.prompts, cfg, progress=True)
     names = []
     with atomic_dir(out) as tmp:
         for i, img in enumerate(to_pil(images)):

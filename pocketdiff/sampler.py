@@ -99,6 +99,13 @@ class SampleConfig:
     width: int | None = None
     batch_size: int = 8
 
+    @classmethod
+    def for_bundle(cls, bundle: Bundle, **overrides: Any) -> SampleConfig:
+        """The Bundle's own sampling settings (a student's scheduler, steps, guidance), then `overrides`
+        (None values ignored), then the class defaults."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return cls(**{**bundle.manifest.sampling, **given})
+
 
 def latent_shape(bundle: Bundle, height: int | None, width: int | None) -> tuple[int, int]:
     """Latent height and width for an image size; ShapeError if the U-Net cannot take it."""

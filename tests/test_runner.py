@@ -6,7 +6,8 @@ import pytest
 from safetensors import safe_open
 
 from pocketdiff.bundle import Bundle
-from pocketdiff.recipe import load_recipe, register_pass
+from pocketdiff.passes import register_pass
+from pocketdiff.recipe import load_recipe
 from pocketdiff.runner import STAGE_FILE, run_recipe
 
 RECIPE = """
@@ -35,7 +36,10 @@ class _Interrupt:
     class Settings:
         pass
 
-    def apply(self, bundle, settings):
+    def check(self, bundle, settings, ctx):
+        pass
+
+    def apply(self, bundle, settings, ctx):
         raise KeyboardInterrupt
 
 

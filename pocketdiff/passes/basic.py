@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
-from .bundle import Bundle
-from .errors import RecipeError
-from .recipe import register_pass
-from .schedulers import make_scheduler, scheduler_names
+from ..bundle import Bundle
+from ..errors import RecipeError
+from ..schedulers import make_scheduler, scheduler_names
+from . import PassContext, PassResult, register_pass
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -31,12 +31,15 @@ class SchedulerPass:
 
         def __post_init__(self) -> None:
             if self.kind not in scheduler_names():
-                raise RecipeError(f"scheduler kind {self.kind!r} unknown; choose one of {', '.join(scheduler_names())}")
+                raise ValueError(f"scheduler kind {self.kind!r} unknown; choose one of {', '.join(scheduler_names())}")
 
-    def apply(self, bundle: Bundle, settings: Settings) -> tuple[Bundle, dict[str, Any]]:
+    def check(self, bundle: Bundle, settings: Settings, ctx: PassContext) -> None:
+        pass
+
+    def apply(self, bundle: Bundle, settings: Settings, ctx: PassContext) -> PassResult:
         before = type(bundle.scheduler).__name__
         bundle.scheduler = make_scheduler(settings.kind, bundle.scheduler.config)
-        return bundle, {"scheduler_before": before, "scheduler_after": type(bundle.scheduler).__name__}
+        return PassResult(bundle, {"scheduler_before": before, "scheduler_after": type(bundle.scheduler).__name__})
 
 
 @register_pass
@@ -47,20 +50,18 @@ class CastPass:
 
     @dataclass
     class Settings:
-        dtype: str = "float16"
-        components: str = "unet,vae"
+        dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+        components: list[str] = field(default_factory=lambda: ["unet", "vae"])
 
-        def __post_init__(self) -> None:
-            if self.dtype not in _DTYPES:
-                raise RecipeError(f"cast dtype {self.dtype!r} unknown; choose one of {', '.join(_DTYPES)}")
-
-    def apply(self, bundle: Bundle, settings: Settings) -> tuple[Bundle, dict[str, Any]]:
-        names = [c.strip() for c in settings.components.split(",") if c.strip()]
+    def check(self, bundle: Bundle, settings: Settings, ctx: PassContext) -> None:
         modules = bundle.modules()
-        unknown = [n for n in names if n not in modules]
+        unknown = [n for n in settings.components if n not in modules]
         if unknown:
             raise RecipeError(f"cast: component {unknown[0]!r} not in this model ({', '.join(modules)})")
+
+    def apply(self, bundle: Bundle, settings: Settings, ctx: PassContext) -> PassResult:
+        modules = bundle.modules()
         before = _weight_bytes(bundle)
-        for n in names:
+        for n in settings.components:
             modules[n].to(_DTYPES[settings.dtype])
-        return bundle, {"weight_bytes_before": before, "weight_bytes_after": _weight_bytes(bundle)}
+        return PassResult(bundle, {"weight_bytes_before": before, "weight_bytes_after": _weight_bytes(bundle)})

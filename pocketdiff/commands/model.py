@@ -1,12 +1,12 @@
-"""The subcommands of `pocketdiff`, each a few lines over the Python API."""
+"""`pocketdiff info`, `generate` and `eval`: what a model costs, what it draws, how well."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from .cli import Handler, command, emit, path_arg
-from .sources import DEFAULT_MODEL
+from . import Handler, command, emit, path_arg
+from ..sources import DEFAULT_MODEL
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
@@ -22,8 +22,8 @@ def _info(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: native)")
 
     def run(args: argparse.Namespace) -> None:
-        from .costs import measure_costs
-        from .sources import load_model
+        from ..costs import measure_costs
+        from ..sources import load_model
 
         bundle = load_model(args.model, shapes_only=True, config=args.model_config)
         costs = measure_costs(bundle, args.resolution)
@@ -44,7 +44,7 @@ def _info(p: argparse.ArgumentParser) -> Handler:
 
 @command("generate", "text-to-image with the PyTorch reference sampler; writes PNGs")
 def _generate(p: argparse.ArgumentParser) -> Handler:
-    from .schedulers import scheduler_names
+    from ..schedulers import scheduler_names
 
     _model_arg(p)
     p.add_argument("-p", "--prompt", action="append", required=True, help="a prompt (repeat for several)")
@@ -60,9 +60,9 @@ def _generate(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--out", type=path_arg, default=Path("outputs"), help="folder for the PNGs")
 
     def run(args: argparse.Namespace) -> None:
-        from .sampler import SampleConfig, generate, to_pil
-        from .sources import load_model
-        from .fileio import atomic_write_bytes
+        from ..sampler import SampleConfig, generate, to_pil
+        from ..sources import load_model
+        from ..fileio import atomic_write_bytes
 
         bundle = load_model(args.model, config=args.model_config)
         prompts = [pr for pr in args.prompt for _ in range(args.num_images)]
@@ -83,33 +83,9 @@ def _generate(p: argparse.ArgumentParser) -> Handler:
     return run
 
 
-@command("run", "run a recipe stage by stage into a run folder; unchanged stages are reused")
-def _run(p: argparse.ArgumentParser) -> Handler:
-    p.add_argument("recipe", nargs="?", default="default", help="a recipe TOML file or a built-in recipe name")
-    p.add_argument("--model", default=None, help="override the recipe's model")
-    p.add_argument("--model-config", type=path_arg, default=None,
-                   help="diffusers config folder for a single-file checkpoint (default: SD1.5/SD2.1 from the zoo)")
-    p.add_argument("--out", type=path_arg, default=None, help="run folder (default: runs/<recipe name>)")
-
-    def run(args: argparse.Namespace) -> None:
-        import sys
-
-        from .recipe import load_recipe
-        from .runner import run_recipe
-
-        recipe = load_recipe(args.recipe)
-        out = args.out or Path("runs") / Path(recipe.source).stem
-        summary = run_recipe(recipe, out, model=args.model, config=args.model_config,
-                             log=(lambda _: None) if args.json else (lambda m: print(m, file=sys.stderr)))
-        lines = [f"{s['folder']}: {s['status']} ({s['seconds']} s)" for s in summary["stages"]]
-        lines += summary["samples"] + [f"run folder: {out}"]
-        emit(args, summary, "\n".join(lines))
-    return run
-
-
 @command("eval", "FID, KID and prompt accuracy on the Fashion-MNIST yardstick, with the real-data floor")
 def _eval(p: argparse.ArgumentParser) -> Handler:
-    from .schedulers import scheduler_names
+    from ..schedulers import scheduler_names
 
     _model_arg(p)
     p.add_argument("--samples", type=int, default=1000, help="generated images (reported figures use 10,000)")
@@ -127,9 +103,9 @@ def _eval(p: argparse.ArgumentParser) -> Handler:
     def run(args: argparse.Namespace) -> None:
         import torch
 
-        from .evaluate import REPORTED_SAMPLES, Yardstick, agreement, evaluate, floor
-        from .sampler import SampleConfig
-        from .sources import load_model
+        from ..evaluate import REPORTED_SAMPLES, Yardstick, agreement, evaluate, floor
+        from ..sampler import SampleConfig
+        from ..sources import load_model
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         bundle = load_model(args.model, config=args.model_config).to(device)
@@ -151,46 +127,4 @@ def _eval(p: argparse.ArgumentParser) -> Handler:
             a = result["agreement"]
             text.append(f"vs {args.reference}: PSNR {a['psnr_db']:.2f} dB, SSIM {a['ssim']:.4f}")
         emit(args, result, "\n".join(text))
-    return run
-
-
-@command("train", "train the built-in teacher or the prompt-accuracy classifier")
-def _train(p: argparse.ArgumentParser) -> Handler:
-    from .teacher.config import TrainConfig
-
-    p.add_argument("what", choices=["teacher", "classifier"])
-    p.add_argument("--out", type=path_arg, required=True, help="output folder (teacher) or file (classifier)")
-    p.add_argument("--data", type=path_arg, default=None, help="folder of the Fashion-MNIST idx files")
-    p.add_argument("--captions-cache", type=path_arg, default=None,
-                   help="caption embeddings file (made here if missing; lets a GPU host train without MiniLM)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--data-limit", type=int, default=None, help="train on the first N images only (tests)")
-    defaults = TrainConfig()
-    int_fields = ("seed", "vae_steps", "vae_batch", "decoder_steps", "decoder_batch", "unet_steps", "unet_batch",
-                  "warmup", "checkpoint_every")
-    float_fields = ("vae_kl_weight", "decoder_lr", "decoder_adv_weight", "unet_lr")
-    for kind, fields in ((int, int_fields), (float, float_fields)):
-        for field in fields:
-            p.add_argument("--" + field.replace("_", "-"), type=kind, default=getattr(defaults, field))
-    p.add_argument("--vae-from", type=path_arg, default=None,
-                   help="pipeline folder whose VAE to reuse instead of training one")
-    p.add_argument("--unet-from", type=path_arg, default=None,
-                   help="pipeline folder whose U-Net to continue training from (fresh optimizer and schedule)")
-    p.add_argument("--time-limit", type=float, default=None, help="seconds per phase before a resumable stop")
-
-    def run(args: argparse.Namespace) -> None:
-        if args.what == "teacher":
-            from .teacher.train import train_teacher
-
-            cfg = TrainConfig(**{f: getattr(args, f) for f in int_fields + float_fields}, time_limit_s=args.time_limit)
-            result = train_teacher(args.out, cfg, data_root=args.data, captions_cache=args.captions_cache,
-                                   device=args.device, data_limit=args.data_limit, progress=not args.json,
-                                   vae_from=args.vae_from, unet_from=args.unet_from)
-        else:
-            from .metrics.classifier import train_classifier
-
-            result = train_classifier(args.out, data_root=args.data, seed=args.seed, device=args.device,
-                                      progress=not args.json)
-        text = "\n".join(f"{k}: {v}" for k, v in result.items())
-        emit(args, result, text)
     return run
