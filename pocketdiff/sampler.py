@@ -7,6 +7,7 @@ artifact: the harness compares like with like.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -118,16 +119,26 @@ def latent_shape(bundle: Bundle, height: int | None, width: int | None) -> tuple
     return height // f, width // f
 
 
-def initial_latents(n: int, channels: int, hw: tuple[int, int], seed: int, offset: int = 0) -> torch.Tensor:
-    """Starting noise: image i of a run always gets seed + i, whatever the batching."""
-    return torch.cat([torch.randn((1, channels, *hw), generator=torch.Generator().manual_seed(seed + offset + i))
-                      for i in range(n)])
+def image_generators(n: int, seed: int, offset: int = 0) -> list[torch.Generator]:
+    """One generator per image, seeded seed + offset + i: image i's noise never depends on the batching."""
+    return [torch.Generator().manual_seed(seed + offset + i) for i in range(n)]
+
+
+def initial_latents(n: int, channels: int, hw: tuple[int, int], seed: int, offset: int = 0,
+                    generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    """Starting noise: image i of a run always gets seed + i, whatever the batching. Given `generators`
+    (from `image_generators`), their streams continue into a stochastic scheduler's step noise, as a
+    stock diffusers pipeline's generator does for one image."""
+    gens = generators or image_generators(n, seed, offset)
+    return torch.cat([torch.randn((1, channels, *hw), generator=g) for g in gens])
 
 
 @torch.no_grad()
 def sample_latents(components: Components, scheduler: Any, context: torch.Tensor, uncond: torch.Tensor | None,
-                   latents: torch.Tensor, steps: int, guidance_scale: float) -> torch.Tensor:
-    """Run the denoising loop from `latents`; returns final latents (before the VAE)."""
+                   latents: torch.Tensor, steps: int, guidance_scale: float,
+                   generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    """Run the denoising loop from `latents`; returns final latents (before the VAE). Stochastic
+    schedulers (LCM's multistep sampling) draw their noise from `generators`, one per image."""
     scheduler.set_timesteps(steps)
     latents = latents * scheduler.init_noise_sigma
     guided = uncond is not None
@@ -139,8 +150,13 @@ def sample_latents(components: Components, scheduler: Any, context: torch.Tensor
         if guided:
             pred_u, pred_c = pred.chunk(2)
             pred = pred_u + guidance_scale * (pred_c - pred_u)
-        latents = scheduler.step(pred, t, latents).prev_sample
+        step_noise = {"generator": generators} if generators is not None and _takes_generator(scheduler) else {}
+        latents = scheduler.step(pred, t, latents, **step_noise).prev_sample
     return latents
+
+
+def _takes_generator(scheduler: Any) -> bool:
+    return "generator" in inspect.signature(scheduler.step).parameters
 
 
 def generate(bundle: Bundle, prompts: list[str], config: SampleConfig | None = None,
@@ -162,9 +178,11 @@ def generate(bundle: Bundle, prompts: list[str], config: SampleConfig | None = N
         chunk = prompts[start:start + config.batch_size]
         context = components.encode(chunk)
         uncond = components.encode([config.negative_prompt] * len(chunk)) if guided else None
-        latents = initial_latents(len(chunk), bundle.unet.config.in_channels, hw, config.seed, start)
+        gens = image_generators(len(chunk), config.seed, start)
+        latents = initial_latents(len(chunk), bundle.unet.config.in_channels, hw, config.seed, start, gens)
         latents = latents.to(getattr(components, "device", "cpu"))
-        latents = sample_latents(components, scheduler, context, uncond, latents, config.steps, config.guidance_scale)
+        latents = sample_latents(components, scheduler, context, uncond, latents, config.steps, config.guidance_scale,
+                                 gens)
         out.append((components.decode(latents) / 2 + 0.5).clamp(0, 1).cpu())
         bar.update(len(chunk))
     bar.close()
