@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
 from torch import nn
 
-from ..training import LoopSpec, autocast, run_loop, step_generator
+from ..training import LoopSpec, autocast, run_loop
 
 
 class PatchDiscriminator(nn.Module):
@@ -56,8 +56,7 @@ def finetune_decoder(vae: diffusers.AutoencoderKL, images: torch.Tensor, mean: t
                    foreach=device.type == "cuda")
     n = len(images)
 
-    def loss_fn(step: int) -> torch.Tensor:
-        g = step_generator(seed + 2, step, device)
+    def loss_fn(step: int, g: torch.Generator) -> torch.Tensor:
         idx = torch.randint(n, (batch,), generator=g, device=device)
         z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g, device=device)
         x = images[idx]
@@ -68,8 +67,8 @@ def finetune_decoder(vae: diffusers.AutoencoderKL, images: torch.Tensor, mean: t
             loss = loss + adv_weight * _generator_loss(parts["disc"], rec) + _discriminator_loss(parts["disc"], x, rec)
         return loss
 
-    spec = LoopSpec("decoder", steps, lr, warmup, work, checkpoint_every, time_limit_s)
-    done = run_loop(spec, parts, loss_fn, ema=ema, progress=progress)
+    spec = LoopSpec("decoder", steps, work, seed + 2, checkpoint_every, time_limit_s, batch_size=batch)
+    done = run_loop(spec, parts, loss_fn, lr, warmup, ema=ema, progress=progress)
     if done:
         ema.copy_to(parts.parameters())
     return done

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from ..bundle import Bundle, Manifest
 from ..data import TEMPLATES, caption_set, load_fashion_mnist, to_model_images
 from ..errors import DataError
-from ..training import LoopSpec, autocast, run_loop, step_generator
+from ..training import LoopSpec, autocast, run_loop
 from .config import SCHEDULER, UNET, VAE, TrainConfig
 from .decoder import finetune_decoder
 
@@ -69,8 +69,7 @@ def train_vae(images: torch.Tensor, cfg: TrainConfig, work: Path, device: torch.
     vae = diffusers.AutoencoderKL(**VAE).to(device)
     n = len(images)
 
-    def loss_fn(step: int) -> torch.Tensor:
-        g = step_generator(cfg.seed, step, device)
+    def loss_fn(step: int, g: torch.Generator) -> torch.Tensor:
         x = images[torch.randint(n, (cfg.vae_batch,), generator=g, device=device)]
         with autocast(device):
             post = vae.encode(x).latent_dist
@@ -79,8 +78,9 @@ def train_vae(images: torch.Tensor, cfg: TrainConfig, work: Path, device: torch.
         kl = post.kl().mean() / x[0].numel()
         return F.l1_loss(rec, x) + F.mse_loss(rec, x) + cfg.vae_kl_weight * kl
 
-    spec = LoopSpec("vae", cfg.vae_steps, cfg.vae_lr, cfg.warmup, work, cfg.checkpoint_every, cfg.time_limit_s)
-    done = run_loop(spec, vae, loss_fn, progress=progress)
+    spec = LoopSpec("vae", cfg.vae_steps, work, cfg.seed, cfg.checkpoint_every, cfg.time_limit_s,
+                    batch_size=cfg.vae_batch)
+    done = run_loop(spec, vae, loss_fn, cfg.vae_lr, cfg.warmup, progress=progress)
     return vae.eval(), done
 
 
@@ -139,8 +139,7 @@ def train_unet(mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor, stat
     weight = torch.clamp(snr, max=5.0) / snr
     n = len(mean)
 
-    def loss_fn(step: int) -> torch.Tensor:
-        g = step_generator(cfg.seed + 1, step, device)
+    def loss_fn(step: int, g: torch.Generator) -> torch.Tensor:
         idx = torch.randint(n, (cfg.unet_batch,), generator=g, device=device)
         z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g, device=device)) * scale
         template = torch.randint(len(TEMPLATES), (cfg.unet_batch,), generator=g, device=device)
@@ -155,8 +154,9 @@ def train_unet(mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor, stat
         per = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
         return (per * weight[t]).mean()
 
-    spec = LoopSpec("unet", cfg.unet_steps, cfg.unet_lr, cfg.warmup, work, cfg.checkpoint_every, cfg.time_limit_s)
-    done = run_loop(spec, unet, loss_fn, ema=ema, progress=progress)
+    spec = LoopSpec("unet", cfg.unet_steps, work, cfg.seed + 1, cfg.checkpoint_every, cfg.time_limit_s,
+                    batch_size=cfg.unet_batch)
+    done = run_loop(spec, unet, loss_fn, cfg.unet_lr, cfg.warmup, ema=ema, progress=progress)
     ema.copy_to(unet.parameters())
     return unet.eval(), done
 
