@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, ClassVar, Protocol
 
-from ..bundle import Bundle
+from ..bundle import Bundle, read_json
 from ..errors import CorruptFileError, InputPathError, UserError
 from ..fileio import atomic_write_json
 from ..registry import Registry
@@ -84,17 +84,89 @@ class ArtifactSet:
 
     @classmethod
     def load(cls, folder: Path) -> ArtifactSet:
-        """Read a folder's artifacts.json; InputPathError if absent, CorruptFileError if unreadable."""
-        path = Path(folder) / MANIFEST
+        """Read a folder's artifacts.json; InputPathError if absent, CorruptFileError naming the key for a
+        malformed entry or a path that leaves the folder (absolute, `..`, or a link pointing outside)."""
+        folder = Path(folder)
+        path = folder / MANIFEST
         if not path.is_file():
             raise InputPathError(f"{folder}: not a pocketdiff artifact folder (no {MANIFEST}); "
                                  "make one with `pocketdiff export`")
-        try:
-            data = json.loads(path.read_text())
-            return cls(model=data["model"], sampler=data.get("sampler", {}), model_hash=data.get("model_hash"),
-                       artifacts=[Artifact(**a) for a in data["artifacts"]])
-        except (ValueError, KeyError, TypeError) as e:
-            raise CorruptFileError(f"{path}: unreadable artifact manifest ({e})") from e
+        data = read_json(path)
+        if not isinstance(data, dict):
+            raise CorruptFileError(f"{path}: must be a JSON object, got {type(data).__name__}; re-export the folder")
+        _require(path, data, "model", str)
+        _require(path, data, "artifacts", list)
+        _require(path, data, "sampler", dict, optional=True)
+        _require(path, data, "model_hash", str, optional=True)
+        artifacts = [_artifact(path, f"artifacts[{i}]", a) for i, a in enumerate(data["artifacts"])]
+        return cls(model=data["model"], sampler=data.get("sampler") or {}, model_hash=data.get("model_hash"),
+                   artifacts=artifacts)
+
+
+_ARTIFACT_FIELDS = {"target": str, "component": str, "path": str, "precision": str, "inputs": dict,
+                    "outputs": dict, "shapes": list, "details": dict}
+_OPTIONAL_FIELDS = ("shapes", "details")
+
+
+def _require(path: Path, data: dict[str, Any], key: str, kind: type, optional: bool = False, where: str = "") -> None:
+    """CorruptFileError naming `where.key` when it is missing (and not optional) or of the wrong type."""
+    name = f"{where}.{key}" if where else key
+    if key not in data or (optional and data[key] is None):
+        if optional:
+            return
+        raise CorruptFileError(f"{path}: {name} is missing; re-export the folder")
+    if not isinstance(data[key], kind):
+        raise CorruptFileError(f"{path}: {name} must be a JSON {_JSON_NAMES[kind]}, got "
+                               f"{json.dumps(data[key])[:60]}; re-export the folder")
+
+
+_JSON_NAMES = {str: "string", list: "list", dict: "object"}
+
+
+def _artifact(path: Path, where: str, raw: Any) -> Artifact:
+    """One checked artifacts.json entry."""
+    if not isinstance(raw, dict):
+        raise CorruptFileError(f"{path}: {where} must be a JSON object; re-export the folder")
+    unknown = sorted(set(raw) - set(_ARTIFACT_FIELDS))
+    if unknown:
+        raise CorruptFileError(f"{path}: {where} has an unknown key {unknown[0]!r}; re-export the folder")
+    for key, kind in _ARTIFACT_FIELDS.items():
+        _require(path, raw, key, kind, optional=key in _OPTIONAL_FIELDS, where=where)
+    for key, allowed in (("component", COMPONENT_NAMES), ("precision", PRECISIONS)):
+        if raw[key] not in allowed:
+            raise CorruptFileError(f"{path}: {where}.{key} {raw[key]!r} is not one of {', '.join(allowed)}")
+    for key in ("inputs", "outputs"):
+        for name, desc in raw[key].items():
+            ok = (isinstance(desc, dict) and isinstance(desc.get("dtype"), str) and isinstance(desc.get("shape"), list)
+                  and all(isinstance(d, str) or (isinstance(d, int) and not isinstance(d, bool) and d >= 0)
+                          for d in desc["shape"]))
+            if not ok:
+                raise CorruptFileError(f"{path}: {where}.{key}.{name} must be {{\"shape\": [sizes], \"dtype\": name}}; "
+                                       "re-export the folder")
+    for j, shape in enumerate(raw.get("shapes") or []):
+        if not (isinstance(shape, dict) and all(
+                isinstance(v, list) and v and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in v)
+                for v in shape.values())):
+            raise CorruptFileError(f"{path}: {where}.shapes[{j}] must map inputs to lists of positive sizes")
+    confined_path(path.parent, raw["path"], f"{path}: {where}.path")
+    return Artifact(**{k: v for k, v in raw.items() if v is not None})
+
+
+def confined_path(folder: Path, relative: str, where: str) -> Path:
+    """`folder / relative`, refused (CorruptFileError) unless it stays inside `folder` once links are resolved."""
+    rel = PurePosixPath(relative)
+    if not relative or "\\" in relative or rel.is_absolute() or PureWindowsPath(relative).drive or ".." in rel.parts \
+            or "\0" in relative:
+        raise CorruptFileError(f"{where} {relative!r} must be a relative path inside the artifact folder; "
+                               "re-export the folder")
+    full = Path(folder) / rel
+    try:
+        inside = full.resolve().is_relative_to(Path(folder).resolve())
+    except (OSError, RuntimeError) as e:  # a link loop, a name too long for the filesystem
+        raise CorruptFileError(f"{where} {relative!r} cannot be resolved ({e})") from e
+    if not inside:
+        raise CorruptFileError(f"{where} {relative!r} leads outside the artifact folder (a link); re-export the folder")
+    return full
 
 
 class Exporter(Protocol):
@@ -152,5 +224,40 @@ def export_bundle(bundle: Bundle, model: str, targets: list[str], options: Expor
                 artifacts.append(exporter.export(bundle, component, options, tmp))
         aset = ArtifactSet(model=model, artifacts=artifacts, sampler=sampler_info(bundle),
                            model_hash=bundle.manifest.content_hash)
+        portable_configs(tmp)
         aset.save(tmp)
     return aset
+
+
+def portable_configs(folder: Path) -> None:
+    """Rewrite the JSON configs under an artifact folder without the build machine's absolute paths
+    (`_name_or_path` and the like): a path inside the folder becomes relative, any other is dropped."""
+    for path in sorted(Path(folder).rglob("*.json")):
+        if path.name == MANIFEST or not (path.name in ("config.json", "model_index.json")
+                                         or path.name.endswith("_config.json")):
+            continue
+        data = json.loads(path.read_text())
+        clean = _without_build_paths(data, Path(folder).resolve())
+        if clean != data:
+            atomic_write_json(path, clean)
+
+
+def _without_build_paths(value: Any, root: Path) -> Any:
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if isinstance(item, str) and _is_absolute(item):
+                inside = Path(item).resolve().is_relative_to(root)
+                if inside:
+                    out[key] = str(Path(item).resolve().relative_to(root))
+                continue
+            out[key] = _without_build_paths(item, root)
+        return out
+    if isinstance(value, list):
+        return [_without_build_paths(v, root) for v in value]
+    return value
+
+
+def _is_absolute(text: str) -> bool:
+    """A POSIX or Windows absolute path with at least one named component ("/" alone is not one)."""
+    return (text.startswith("/") and len(PurePosixPath(text).parts) > 1) or PureWindowsPath(text).is_absolute()
