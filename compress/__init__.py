@@ -1,1 +1,1 @@
-"""pocketdiff.compress: mapped here by pyproject.toml; no modules yet (see the open issues)."""
+"""pocketdiff.compress: training passes that make a model cheaper to run (mapped here by pyproject.toml)."""

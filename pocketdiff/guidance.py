@@ -24,10 +24,14 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     return emb
 
 
-def student_condition(unet: torch.nn.Module, sampling: dict, n: int, device: torch.device | str) -> dict:
+def takes_guidance(unet: torch.nn.Module) -> bool:
+    """True for a guidance-conditioned U-Net (it embeds the guidance instead of running CFG)."""
+    return unet.config.get("time_cond_proj_dim") is not None
+
+
+def student_condition(unet: torch.nn.Module, guidance_scale: float, n: int, device: torch.device | str) -> dict:
     """The extra U-Net keyword a guidance-conditioned student needs (`timestep_cond`), else nothing."""
-    dim = unet.config.get("time_cond_proj_dim")
-    if dim is None:
+    if not takes_guidance(unet):
         return {}
-    w = float(sampling.get("embedded_guidance", 1.0))
-    return {"timestep_cond": guidance_embedding(torch.full((n,), w - 1.0, device=device), dim)}
+    w = torch.full((n,), guidance_scale - 1.0, device=device)
+    return {"timestep_cond": guidance_embedding(w, unet.config.time_cond_proj_dim)}

@@ -14,7 +14,8 @@ or a failure leaves the finished stages intact and a rerun resumes from them. A 
 reaches the run's deadline ends its stage *unfinished*: nothing is written in the stage folder, the
 run stops there, and the next run hands the pass the same work folder (keyed by the stage key, so
 changed settings never resume a foreign checkpoint) to continue from its checkpoint. Every pass's
-`check` runs before the first stage does any work, so bad input fails in seconds.
+`check` runs before its stage does any work (the first stage to run is checked before anything
+runs), so bad input fails in seconds.
 """
 
 from __future__ import annotations
@@ -116,11 +117,10 @@ def run_recipe(recipe: Recipe, run_dir: Path, model: str | None = None, config: 
                                     progress=opts.progress, log=log))
     todo = [i for i, (stage, key) in enumerate(zip(recipe.stages, keys)) if _finished_key(
         stage_folder(run_dir, i + 1, stage)) != key]
-    if todo:
+    if todo:  # the first stage to run is checked before anything runs; later ones before their own work
         first = todo[0]
-        bundle = source if first == 0 else Bundle.load(stage_folder(run_dir, first, recipe.stages[first - 1]))
-        for i in todo:  # checks that need only the input model and settings, before any work
-            get_pass(recipe.stages[i].name).check(bundle, recipe.stages[i].settings, contexts[i])
+        first_input = source if first == 0 else Bundle.load(stage_folder(run_dir, first, recipe.stages[first - 1]))
+        get_pass(recipe.stages[first].name).check(first_input, recipe.stages[first].settings, contexts[first])
     bundle = source
     results: list[StageResult] = []
     finished = True
@@ -136,7 +136,10 @@ def run_recipe(recipe: Recipe, run_dir: Path, model: str | None = None, config: 
             bundle = Bundle.load(stage_folder(run_dir, i - 1, recipe.stages[i - 2]))
         log(f"[{i}/{len(recipe.stages)}] {stage.name} ...")
         t0 = time.monotonic()
-        result = get_pass(stage.name).apply(bundle, stage.settings, ctx)
+        chosen = get_pass(stage.name)
+        if i - 1 != todo[0]:
+            chosen.check(bundle, stage.settings, ctx)
+        result = chosen.apply(bundle, stage.settings, ctx)
         seconds = round(time.monotonic() - t0, 2)
         if not result.finished:
             results.append(StageResult(i, stage.name, folder.name, key, "unfinished", seconds, result.report))

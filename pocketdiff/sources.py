@@ -8,7 +8,7 @@ import torch
 
 from .bundle import Bundle
 from .errors import InputPathError
-from .zoo import build_arch, load_fashion
+from .zoo import BUILTIN_MODELS, build_arch, load_builtin
 
 DEFAULT_MODEL = "fashion"
 
@@ -17,8 +17,8 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, sh
                config: Path | None = None) -> Bundle:
     """The Bundle named by `spec`; `shapes_only` builds arch:NAME models on the meta device;
     `config` is the diffusers config folder for a single-file checkpoint (default: the zoo's)."""
-    if spec == "fashion":
-        return load_fashion(dtype)
+    if spec in BUILTIN_MODELS:
+        return load_builtin(spec, dtype)
     if spec.startswith("arch:"):
         return build_arch(spec.removeprefix("arch:"), device="meta" if shapes_only else "cpu")
     path = Path(spec)
@@ -27,6 +27,6 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, sh
 
         return load_single_file(path, config, dtype)
     if not path.exists():
-        raise InputPathError(f"{spec}: no such model; give 'fashion', arch:NAME (sd15, sd21, sdxl, tiny), "
+        raise InputPathError(f"{spec}: no such model; give a built-in model ({', '.join(BUILTIN_MODELS)}), arch:NAME (sd15, sd21, sdxl, tiny), "
                              "a diffusers pipeline folder or an SD1.x/SD2.x .safetensors checkpoint")
     return Bundle.load(path, dtype=dtype)

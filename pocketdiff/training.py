@@ -178,6 +178,20 @@ class Trainer:
                               else time.monotonic() + self.spec.time_limit_s) if d is not None]
         return min(limits) if limits else None
 
+    def one_step(self, step_fn: Callable[[StepContext], torch.Tensor | None]) -> StepContext:
+        """One training step at `self.step` (no checkpoint, no log): what `fit` repeats, and what a
+        throughput benchmark times."""
+        ctx = StepContext(self.step, step_generator(self.spec.seed, self.step, self.device), self.wrapped,
+                          self.device, self._update)
+        loss = step_fn(ctx)
+        if loss is not None:
+            if len(self.optimizers) != 1:
+                raise ValueError("step_fn returned a loss but the trainer has several optimizers")
+            self._update(next(iter(self.optimizers)), loss)
+            ctx.metrics.setdefault("loss", loss)
+        self.step += 1
+        return ctx
+
     def fit(self, step_fn: Callable[[StepContext], torch.Tensor | None]) -> bool:
         """Run `step_fn` from the checkpointed step to `spec.steps`; True when finished, False when the
         deadline stopped it (a checkpoint is written first, so the next call resumes).
@@ -200,15 +214,8 @@ class Trainer:
         with _log_file(self.log_path) as log:
             while self.step < self.spec.steps:
                 step = self.step
-                ctx = StepContext(step, step_generator(self.spec.seed, step, self.device), self.wrapped,
-                                  self.device, self._update)
-                loss = step_fn(ctx)
-                if loss is not None:
-                    if len(self.optimizers) != 1:
-                        raise ValueError("step_fn returned a loss but the trainer has several optimizers")
-                    self._update(next(iter(self.optimizers)), loss)
-                    ctx.metrics.setdefault("loss", loss)
-                self.step = done = step + 1
+                ctx = self.one_step(step_fn)
+                done = self.step
                 if step % self.spec.log_every == 0 or done == self.spec.steps:
                     values = {k: float(v) for k, v in ctx.metrics.items()}
                     now = time.monotonic()

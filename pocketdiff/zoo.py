@@ -7,6 +7,7 @@ pocketdiff's own trained model, shipped inside the package (see `pocketdiff.teac
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,19 +191,41 @@ def build_arch(name: str, seed: int = 0, device: str | torch.device = "cpu") -> 
                   manifest=manifest, pipeline_class="StableDiffusionPipeline")
 
 
+BUILTIN_MODELS = ("fashion", "fashion-4step")  # the teacher and the students trained from it
+
+
+def builtin_path(name: str = "fashion") -> Path:
+    """Folder of built-in model `name` inside the package."""
+    return Path(__file__).parent / "weights" / name
+
+
 def fashion_path() -> Path:
     """Folder of the shipped "fashion" teacher inside the package."""
-    return Path(__file__).parent / "weights" / "fashion"
+    return builtin_path("fashion")
+
+
+def load_builtin(name: str = "fashion", dtype: torch.dtype = torch.float32) -> Bundle:
+    """A built-in model: its shipped U-Net, VAE and scheduler plus the packaged MiniLM encoder.
+
+    On a host without MiniLM's weights (the GPU host) and with `$POCKETDIFF_TEXT_STATES` naming a
+    states file of the caption set, the Bundle comes without a text encoder: training passes read
+    the states file instead.
+    """
+    folder = builtin_path(name)
+    if name not in BUILTIN_MODELS or not (folder / "model_index.json").is_file():
+        raise InputPathError(f"the built-in model {name!r} is not in this install ({folder}); built-in: "
+                             f"{', '.join(n for n in BUILTIN_MODELS if (builtin_path(n) / 'model_index.json').is_file())}")
+    bundle = Bundle.load(folder, dtype=dtype)
+    try:
+        bundle.text_encoder, bundle.tokenizer = load_minilm(), load_tokenizer()
+    except DataError:
+        if not os.environ.get("POCKETDIFF_TEXT_STATES"):
+            raise
+    source = {"kind": "builtin", "name": name, "hash": hash_tree(folder)}
+    bundle.manifest.source = source if name == "fashion" else {**bundle.manifest.source, **source}
+    return bundle
 
 
 def load_fashion(dtype: torch.dtype = torch.float32) -> Bundle:
-    """The built-in teacher: shipped U-Net, VAE and scheduler plus the packaged MiniLM encoder."""
-    folder = fashion_path()
-    if not (folder / "model_index.json").is_file():
-        raise InputPathError(f"the built-in 'fashion' teacher is not in this install ({folder}); "
-                             "train it with `pocketdiff train teacher` or give another MODEL")
-    bundle = Bundle.load(folder, dtype=dtype)
-    bundle.text_encoder = load_minilm()
-    bundle.tokenizer = load_tokenizer()
-    bundle.manifest.source = {"kind": "builtin", "name": "fashion", "hash": hash_tree(folder)}
-    return bundle
+    """The built-in teacher."""
+    return load_builtin("fashion", dtype)

@@ -24,7 +24,7 @@ from ..errors import ConfigError, RecipeError
 from ..registry import Registry
 from ..settings import parse
 
-BUILTIN_MODULES = ("pocketdiff.passes.basic",)
+BUILTIN_MODULES = ("pocketdiff.passes.basic", "pocketdiff.compress.distill.lcm", "pocketdiff.compress.distill.fold")
 
 
 @dataclass
