@@ -33,10 +33,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from pocketdiff.export.attention import count_onnx_fused
 from pocketdiff.export.base import ExportOptions
 from pocketdiff.export.components import example_inputs, wrap
-from pocketdiff.export.onnx import OnnxExporter, trace_to_onnx
+from pocketdiff.export.onnx import OnnxExporter, count_onnx_fused, trace_to_onnx
 from pocketdiff.runtimes.profiler import compare_latency, speedup
 from pocketdiff.sources import load_model
 

@@ -2,8 +2,8 @@
 
 Times onnxruntime (CPU provider, default options) on one-Conv graphs, batch 1, fp32, the three
 variants timed in --repeats alternating blocks of 3 calls (`runtimes.profiler.compare_latency`), median.
-Writes the measurements to export/winograd_table.py, which the ONNX exporter reads in "auto" mode (the
-choice per row is `export.winograd.pick_tile`), and prints a Markdown table for docs/BENCHMARKS.md,
+Writes the measurements to export/rewrites/winograd_table.py, which the ONNX exporter reads in "auto" mode (the
+choice per row is `export.rewrites.winograd.pick_tile`), and prints a Markdown table for docs/BENCHMARKS.md,
 losses included. `--from-table BACKEND` reprints a stored table with the current choice rule, no timing.
 
     flock /tmp/heavy.lock .venv/bin/python bench/winograd_bench.py fashion@64 arch:sd15@512 --repeats 5
@@ -26,11 +26,11 @@ import torch
 
 from pocketdiff.export.components import example_inputs, wrap
 from pocketdiff.runtimes.profiler import compare_latency
-from pocketdiff.export.winograd import (apply_winograd, conv_input_sizes, conv_shape_key, pick_tile,
-                                        single_conv_model)
+from pocketdiff.export.rewrites.winograd import conv_input_sizes, conv_shape_key, pick_tile
+from pocketdiff.export.rewrites.winograd_onnx import apply_winograd, single_conv_model
 from pocketdiff.sources import load_model
 
-TABLE_FILE = Path(__file__).resolve().parents[1] / "export" / "winograd_table.py"
+TABLE_FILE = Path(__file__).resolve().parents[1] / "export" / "rewrites" / "winograd_table.py"
 
 
 def layer_shapes(spec: str, components: list[str]) -> list[tuple[int, int, int, int, str]]:
@@ -83,7 +83,7 @@ def main() -> None:
     p.add_argument("--max-pixels", type=int, default=128 * 128, help="skip layers with larger feature maps")
     args = p.parse_args()
     if args.from_table:
-        from pocketdiff.export.winograd_table import SOURCES, TABLE
+        from pocketdiff.export.rewrites.winograd_table import SOURCES, TABLE
 
         rows = [{"key": k, **v} for k, v in TABLE[args.from_table].items()]
         for row in rows:
@@ -116,9 +116,9 @@ def markdown_row(row: dict) -> str:
 
 
 def write_table(backend: str, rows: list[dict], header: str) -> None:
-    """Replace `backend`'s rows (and how they were measured) in export/winograd_table.py, keeping the others."""
+    """Replace `backend`'s rows (and how they were measured) in export/rewrites/winograd_table.py, keeping the others."""
     try:
-        from pocketdiff.export.winograd_table import SOURCES, TABLE
+        from pocketdiff.export.rewrites.winograd_table import SOURCES, TABLE
     except ImportError:
         SOURCES, TABLE = {}, {}
     keep = ("where", "direct_ms", "f2_ms", "f4_ms")
@@ -127,7 +127,7 @@ def write_table(backend: str, rows: list[dict], header: str) -> None:
     TABLE_FILE.write_text(
         '"""Winograd per-layer tables (per backend), measured by bench/winograd_bench.py and\n'
         'bench/winograd_executorch.py; do not edit, rerun them. SOURCES says how each was measured;\n'
-        'export.winograd.pick_tile decides from these times."""\n\n'
+        'export.rewrites.winograd.pick_tile decides from these times."""\n\n'
         f"SOURCES: dict[str, str] = {sources!r}\n\nTABLE: dict[str, dict[str, dict]] = {tables!r}\n")
     print(f"wrote {TABLE_FILE}")
 

@@ -1,9 +1,9 @@
 """Per-layer Winograd table on ExecuTorch CPU (XNNPACK delegate): direct conv vs F(2x2,3x3) vs F(4x4,3x3).
 
 Each layer shape is lowered three times with ExecuTorch's stock XNNPACK partitioner (a Conv2d, and
-`export.winograd.WinogradConv2d` with m=2 and m=4), run in ExecuTorch's Python runtime, batch 1,
+`export.rewrites.winograd_torch.WinogradConv2d` with m=2 and m=4), run in ExecuTorch's Python runtime, batch 1,
 fp32, timed in --repeats alternating blocks of 3 calls (`runtimes.profiler`), median. The rows go into
-export/winograd_table.py under "executorch"; a Markdown table is printed for docs/BENCHMARKS.md.
+export/rewrites/winograd_table.py under "executorch"; a Markdown table is printed for docs/BENCHMARKS.md.
 
     flock /tmp/heavy.lock .venv/bin/python bench/winograd_executorch.py fashion@64 arch:sd15@512 --limit 8
 """
@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from winograd_bench import layer_shapes, markdown_row, write_table  # noqa: E402
 
 from pocketdiff.export.executorch import plain_xnnpack_lowering  # noqa: E402
-from pocketdiff.export.winograd import WinogradConv2d, conv_shape_key  # noqa: E402
+from pocketdiff.export.rewrites.winograd import conv_shape_key  # noqa: E402
+from pocketdiff.export.rewrites.winograd_torch import WinogradConv2d  # noqa: E402
 from pocketdiff.runtimes.profiler import compare_latency  # noqa: E402
 
 

@@ -12,7 +12,8 @@ import argparse
 import warnings
 
 from pocketdiff.export.components import example_inputs, wrap
-from pocketdiff.export.winograd import choose_m, conv_input_sizes, eligible_module
+from pocketdiff.export.rewrites.winograd import choose_m, conv_input_sizes
+from pocketdiff.export.rewrites.winograd_torch import eligible_module
 from pocketdiff.sources import load_model
 
 

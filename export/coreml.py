@@ -10,36 +10,33 @@ Shapes: iOS18 programs take enumerated shapes on every input (each batch x resol
 before iOS18 allows enumerated shapes on one input only, so there the image input enumerates the
 resolutions and the batch is fixed at the largest requested one (details["fixed_batch"]).
 Attention: iOS18 gets Core ML's fused scaled_dot_product_attention (coremltools fuses torch SDPA
-only when no explicit scale is passed, so the query is pre-scaled instead); iOS16/17 get the
-split-einsum form chosen by `export/attention.py`.
+only when no explicit scale is passed, so the query is pre-scaled: `default_scale_sdpa`); iOS16/17 get
+the split-einsum form; both chosen by `rewrites/attention.py`. Norms are traced in `rewrites/norms.py`'s form.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..bundle import Bundle
 from ..errors import ConfigError, UnsupportedOpError
 from ..fileio import atomic_write_bytes, atomic_write_json
-from .attention import FormProcessor, attention_form, attention_modules, choose_form, count_coreml_fused
 from .base import Artifact, ExportOptions, register_exporter
 from .components import example_inputs, export_resolutions, locate_op, resolution_multiple, wrap
-from .executorch import rewrite_norms
+from .rewrites.attention import attention_form, choose_form, default_scale_sdpa, intended_fused_count
+from .rewrites.norms import rewrite_norms
 
 COREML_DIR = "coreml"
+FUSED_ATTENTION_OPS = ("scaled_dot_product_attention",)
 TARGETS = ("iOS16", "iOS17", "iOS18")
 PACKAGE = {"text_encoder": "TextEncoder", "unet": "Unet", "vae_decoder": "VAEDecoder", "vae_encoder": "VAEEncoder"}
 # pocketdiff name -> (Core ML name, layout); "b77d_to_bd177" = [B, 77, D] given as [B, D, 1, 77].
@@ -60,36 +57,6 @@ def deployment_target(options: ExportOptions) -> str:
         if raw.lower() == t.lower():
             return t
     raise ConfigError(f"unknown Core ML deployment target {raw!r}; choose {', '.join(TARGETS)}")
-
-
-def coreml_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
-    """SDPA with the default scale (query pre-scaled): the form coremltools fuses into one iOS18 op."""
-    b, s, d = q.shape
-    dh = d // heads
-    q = q * (scale * math.sqrt(dh)) if not math.isclose(scale, 1 / math.sqrt(dh), rel_tol=1e-6) else q
-    qh, kh, vh = (x.view(x.shape[0], x.shape[1], heads, dh).transpose(1, 2) for x in (q, k, v))
-    return F.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2).reshape(b, s, d)
-
-
-@contextmanager
-def coreml_attention(module: nn.Module, target: str) -> Iterator[tuple[str, int]]:
-    """Switch attention to the form for `target`; yields (form, number of attention modules)."""
-    form = choose_form("coreml", target)
-    if form != "sdpa":
-        with attention_form(module, form) as n:
-            yield form, n
-        return
-    mods = attention_modules(module)
-    saved = [(m, m.processor) for _, m in mods]
-    try:
-        for path, m in mods:
-            proc = FormProcessor("sdpa", path)
-            proc.core = coreml_sdpa
-            m.set_processor(proc)
-        yield "sdpa", len(mods)
-    finally:
-        for m, p in saved:
-            m.set_processor(p)
 
 
 class AppleLayout(nn.Module):
@@ -134,6 +101,12 @@ def op_counts(mlpackage: Path) -> dict[str, int]:
         for block in fn.block_specializations.values():
             walk(block)
     return dict(sorted(counts.items()))
+
+
+def count_coreml_fused(mlpackage: str | Path) -> int:
+    """scaled_dot_product_attention ops in a Core ML ML Program (no model load, works on Linux)."""
+    counts = op_counts(Path(mlpackage))
+    return sum(counts.get(o, 0) for o in FUSED_ATTENTION_OPS)
 
 
 def _unsupported(component: str, module: nn.Module, feeds: dict[str, torch.Tensor], e: Exception) -> UnsupportedOpError:
@@ -217,13 +190,10 @@ class CoremlExporter:
         apple = AppleLayout(prepared, spec.input_names, layouts).eval()
         first = feeds[combos[0]]
         trace_args = tuple(to_apple(n, first[n], layouts[n]) for n in spec.input_names)
-        ran: set[int] = set()
-        hooks = [m.register_forward_pre_hook(lambda mod, a: ran.add(id(mod))) for _, m in attention_modules(prepared)]
-        with coreml_attention(prepared, target) as (form, _), torch.no_grad():
+        form = choose_form("coreml", target)
+        used: set[str] = set()
+        with attention_form(prepared, form, used, default_scale_sdpa if form == "sdpa" else None), torch.no_grad():
             traced = torch.jit.trace(apple, trace_args)
-        for h in hooks:
-            h.remove()
-        n_attention = len(ran)
         ct_inputs = []
         for i, n in enumerate(spec.input_names):
             per_combo = [tuple(to_apple(n, feeds[c][n], layouts[n]).shape) for c in combos]
@@ -255,8 +225,8 @@ class CoremlExporter:
                       "dtype": "int64" if first[n].dtype == torch.int64 else "float32"} for n in spec.input_names}
         details = {
             "deployment_target": target, "compute_precision": "fp16", "attention_form": form,
-            "attention_modules": n_attention, "fused_attention": count_coreml_fused(final),
-            "fused_attention_intended": n_attention if form == "sdpa" else 0, "ops": ops,
+            "attention_modules": len(used), "fused_attention": count_coreml_fused(final),
+            "fused_attention_intended": intended_fused_count(used, form), "ops": ops,
             "coreml_io": {n: {"name": names[n][0], "layout": names[n][1]}
                           for n in spec.input_names + spec.output_names},
             "enumerated_inputs": [t.name for t in ct_inputs if isinstance(t.shape, ct.EnumeratedShapes)],

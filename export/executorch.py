@@ -4,15 +4,16 @@
 pocketdiff's lowering differs from a plain XNNPACK lowering in four ways; the first three put more of
 the graph inside XNNPACK (every op left outside is a portable-kernel call and a delegate boundary),
 the fourth does less arithmetic:
-  * GroupNorm / LayerNorm are rewritten as reshape + mean + rsqrt (XNNPACK has no norm ops, so a
-    plain lowering cuts the U-Net into dozens of delegate islands);
-  * attention uses the explicit batched-matmul + softmax form from `export/attention.py` (torch SDPA
+  * GroupNorm / LayerNorm are rewritten as reshape + mean + rsqrt (`rewrites/norms.py`: XNNPACK has no
+    norm ops, so a plain lowering cuts the U-Net into dozens of delegate islands);
+  * attention uses the explicit batched-matmul + softmax form (`rewrites/attention.py`: torch SDPA
     decomposes with NaN-guard ops XNNPACK does not take);
   * every (batch, resolution) is its own method with static shapes, because XNNPACK rejects
     symbolic reshapes; the methods share one copy of the weights (XNNPACK's named data store
     deduplicates identical tensors), so several shapes cost little extra file size.
-  * 3x3 convolutions whose layer shape the measured XNNPACK table (`winograd_table.py`) says is faster in
-    Winograd form become `WinogradConv2d` (fp32; `--winograd f2|f4` forces it everywhere, `off` never).
+  * 3x3 convolutions whose layer shape the measured XNNPACK table (`rewrites/winograd_table.py`) says is
+    faster in Winograd form become `WinogradConv2d` (`rewrites/winograd_torch.py`; fp32; `--winograd f2|f4`
+    forces it everywhere, `off` never).
 `plain_xnnpack_lowering` is the baseline for the latency comparison in bench/export_scale.py.
 """
 
@@ -30,95 +31,17 @@ from torch import nn
 from ..bundle import Bundle
 from ..errors import ConfigError, UnsupportedOpError, UserError
 from ..fileio import atomic_write_bytes
-from .attention import attention_form, attention_modules
 from .base import Artifact, ExportOptions, register_exporter
-from .components import example_inputs, export_resolutions, resolution_multiple, wrap
-from .winograd import conv_input_sizes, effective_mode, swap_winograd_modules
+from .components import example_inputs, export_resolutions, locate_op, resolution_multiple, wrap
+from .rewrites.attention import attention_form, attention_modules, choose_form
+from .rewrites.norms import rewrite_norms
+from .rewrites.winograd import conv_input_sizes, effective_mode
+from .rewrites.winograd_torch import swap_winograd_modules
 
-ATTENTION_FORM = "softmax"
+ATTENTION_FORM = choose_form("executorch")
 PTE_DIR = "executorch"
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64", torch.int32: "int32"}
 _DELEGATE = "executorch_call_delegate"
-
-
-def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`t` in `dtype`, with no cast op traced when it already is."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
-class XnnpackGroupNorm(nn.Module):
-    """GroupNorm as reshape + mean over the two innermost dims + rsqrt: ops XNNPACK delegates.
-
-    With `upcast` an fp16 input is normalised in fp32 and the result cast back (see `NORM_STATISTICS`).
-    """
-
-    def __init__(self, norm: nn.GroupNorm, upcast: bool = False):
-        super().__init__()
-        self.groups, self.eps, self.weight, self.bias = norm.num_groups, norm.eps, norm.weight, norm.bias
-        self.upcast = upcast
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape, c = x.shape, x.shape[1]
-        work = torch.float32 if self.upcast else x.dtype
-        y = _as(x, work).reshape(shape[0], self.groups, c // self.groups, -1)
-        centred = y - y.mean(dim=(2, 3), keepdim=True)
-        var = (centred * centred).mean(dim=(2, 3), keepdim=True)
-        y = (centred * torch.rsqrt(var + self.eps)).reshape(shape)
-        if self.weight is not None:
-            affine = (1, c) + (1,) * (x.dim() - 2)
-            y = y * _as(self.weight, work).reshape(affine) + _as(self.bias, work).reshape(affine)
-        return _as(y, x.dtype)
-
-
-class XnnpackLayerNorm(nn.Module):
-    """LayerNorm over the last dim as a 4D mean over the two innermost dims: ops XNNPACK delegates.
-
-    With `upcast` an fp16 input is normalised in fp32 and the result cast back (see `NORM_STATISTICS`).
-    """
-
-    def __init__(self, norm: nn.LayerNorm, upcast: bool = False):
-        super().__init__()
-        if len(norm.normalized_shape) != 1:
-            raise ConfigError(f"LayerNorm over {tuple(norm.normalized_shape)} has no XNNPACK form here")
-        self.eps, self.weight, self.bias, self.upcast = norm.eps, norm.weight, norm.bias, upcast
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        work = torch.float32 if self.upcast else x.dtype
-        y = _as(x, work).reshape(1, -1, 1, shape[-1])
-        centred = y - y.mean(dim=(2, 3), keepdim=True)
-        var = (centred * centred).mean(dim=(2, 3), keepdim=True)
-        y = (centred * torch.rsqrt(var + self.eps)).reshape(shape)
-        if self.weight is not None:
-            y = y * _as(self.weight, work)
-        if self.bias is not None:
-            y = y + _as(self.bias, work)
-        return _as(y, x.dtype)
-
-
-# How fp16 graphs normalise: "fp32" (default) computes every GroupNorm / LayerNorm in fp32 between two casts,
-# "fp16" in fp16. Measured on the built-in model (docs/BENCHMARKS.md): an fp16 U-Net with fp16 norms took the
-# 8-step guided end-to-end PSNR to 36.59 dB (gate 35), with fp32 norms 57.46 dB; the casts run outside XNNPACK
-# and split its graph (178 -> 350 delegate calls), so the batch-2 U-Net call is 1.24-1.35x slower (two runs).
-NORM_STATISTICS = ("fp32", "fp16")
-
-
-def rewrite_norms(module: nn.Module, statistics: str = "fp32") -> tuple[nn.Module, int]:
-    """A copy of `module` with every GroupNorm / LayerNorm in its XNNPACK form, and how many were rewritten."""
-    if statistics not in NORM_STATISTICS:
-        raise ConfigError(f"unknown norm statistics {statistics!r}; choose from {', '.join(NORM_STATISTICS)}")
-    upcast = statistics == "fp32"
-    module = copy.deepcopy(module)
-    count = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.GroupNorm):
-                setattr(parent, name, XnnpackGroupNorm(child, upcast))
-                count += 1
-            elif isinstance(child, nn.LayerNorm) and len(child.normalized_shape) == 1:
-                setattr(parent, name, XnnpackLayerNorm(child, upcast))
-                count += 1
-    return module, count
 
 
 def method_name(feeds: dict[str, torch.Tensor]) -> str:
@@ -187,8 +110,6 @@ def export_programs(module: nn.Module, inputs: dict[str, dict[str, torch.Tensor]
 
 
 def _unsupported(component: str, module: nn.Module, feeds: dict[str, torch.Tensor], e: Exception) -> UserError:
-    from .components import locate_op
-
     text = f"{type(e).__name__}: {e}"
     for token in text.replace("'", " ").replace('"', " ").split():
         if token.startswith(("aten.", "aten::")):
@@ -265,7 +186,8 @@ def pocketdiff_lowering(module: nn.Module, inputs: dict[str, dict[str, torch.Ten
     """pocketdiff's lowering of `module` (fp32 or fp16, as its weights and inputs are) for the given
     per-method inputs, to the named delegate. 3x3 convolutions go to Winograd form where the XNNPACK
     table (measured in fp32, at the first method's shapes) says they win, or everywhere with "f2"/"f4".
-    `norm_statistics` is how an fp16 graph normalises (`NORM_STATISTICS`); fp32 graphs are the same either way."""
+    `norm_statistics` is how an fp16 graph normalises (`rewrites.norms.NORM_STATISTICS`); fp32 graphs are
+    the same either way."""
     prepared, rewritten = prepare(module, norm_statistics)
     first = next(iter(inputs.values()))
     fp32 = all(t.dtype != torch.float16 for t in first.values())

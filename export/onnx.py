@@ -1,9 +1,9 @@
 """The ONNX exporter: optimum-style folders (onnx/unet/model.onnx + config.json), fp32 or fp16, fused attention.
 
 Each component is traced from its `export.components` wrapper with dynamic batch and image axes,
-attention emitted as onnxruntime's fused MultiHeadAttention (`export.attention`), GEGLU feed-forward
-layers as two projections (`export.feedforward`), 3x3 convolutions
-rewritten to Winograd form where the measured table says it wins (`export.winograd`). fp16 graphs
+attention emitted as onnxruntime's fused MultiHeadAttention (`rewrites/attention.py`), GEGLU feed-forward
+layers as two projections (`rewrites/feedforward.py`), 3x3 convolutions rewritten to Winograd form where
+the measured table says it wins (`rewrites/winograd_onnx.py`). fp16 graphs
 keep fp32 islands: always the timestep embedding, and more (normalisations and attention, then the
 whole graph) when a trial run shows NaN, Inf, a black image or a drift from the fp32 reference.
 Weights go to one external-data file when the graph passes 2 GB.
@@ -27,11 +27,12 @@ import torch
 from ..bundle import Bundle
 from ..errors import GateError, UnsupportedOpError
 from ..fileio import atomic_write_json
-from .attention import attention_form, choose_form, count_onnx_fused, intended_fused_count
-from .feedforward import split_geglu
 from .base import Artifact, ExportOptions, register_exporter
-from .winograd import apply_winograd, conv_input_sizes, effective_mode
 from .components import example_inputs, export_resolutions, locate_op, resolution_multiple, wrap
+from .rewrites.attention import attention_form, choose_form, intended_fused_count
+from .rewrites.feedforward import split_geglu
+from .rewrites.winograd import conv_input_sizes, effective_mode
+from .rewrites.winograd_onnx import apply_winograd
 
 OPSET = 18
 PROTOBUF_LIMIT = 2 * 1024 ** 3
@@ -42,6 +43,7 @@ NORM_AND_ATTENTION_OPS = ["InstanceNormalization", "LayerNormalization", "GroupN
 # Ops whose extra inputs must stay float32 (Resize scales) in every fp16 graph.
 ALWAYS_FP32 = ["Resize"]
 ISLAND_LADDER = ("timestep", "timestep+norm+attention", "all")
+FUSED_ATTENTION_OPS = ("Attention", "MultiHeadAttention")  # com.microsoft domain
 FP16_MAX_REL_L2 = 0.05
 _DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
            onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32"}
@@ -80,6 +82,42 @@ def _unsupported(module: torch.nn.Module, feeds: dict[str, torch.Tensor], e: Exc
     return UnsupportedOpError(f"ONNX opset {OPSET} cannot express {op}"
                               f"{f' (in module {where})' if where else ''}: {first}; "
                               "replace that layer or export to another target")
+
+
+def count_onnx_fused(model: onnx.ModelProto | str | Path) -> int:
+    """Fused attention nodes (com.microsoft Attention / MultiHeadAttention) in an ONNX model or file."""
+    if isinstance(model, (str, Path)):
+        model = onnx.load(str(model), load_external_data=False)
+    return sum(1 for n in model.graph.node if n.op_type in FUSED_ATTENTION_OPS and n.domain == "com.microsoft")
+
+
+def node_scope(name: str) -> str:
+    """Module path of a TorchScript-exported node name: "/unet/conv_in/Conv" -> "unet.conv_in"."""
+    return ".".join(name.strip("/").split("/")[:-1])
+
+
+def scope_index(paths: Any) -> dict[str, str]:
+    """Node scope -> module path, also by suffix: a wrapper that calls `vae.decode` (not `vae(...)`)
+    yields node scopes without the "vae." prefix."""
+    index: dict[str, str] = {}
+    ambiguous: set[str] = set()
+    for path in paths:
+        parts = path.split(".")
+        for i in range(1, len(parts)):
+            suffix = ".".join(parts[i:])
+            if suffix in index and index[suffix] != path:
+                ambiguous.add(suffix)
+            index.setdefault(suffix, path)
+    for suffix in ambiguous:
+        index.pop(suffix, None)
+    return {**index, **{p: p for p in paths}}
+
+
+def conv_node_sizes(model: onnx.ModelProto, sizes: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """Conv node name -> input (height, width), from module path -> size (`conv_input_sizes`) by node scope."""
+    scopes = scope_index(sizes)
+    return {n.name: sizes[scopes[node_scope(n.name)]] for n in model.graph.node
+            if n.op_type == "Conv" and node_scope(n.name) in scopes}
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
@@ -355,7 +393,7 @@ class OnnxExporter:
         mode = options.extra.get("winograd", "auto")
         if effective_mode(mode, options.precision == "fp32") == "off" and mode != "off":
             return {"mode": mode, "rewritten": {}, "eligible": 0, "note": "table measured for fp32 only"}
-        return apply_winograd(model, "onnx", mode, conv_input_sizes(module, feeds))
+        return apply_winograd(model, "onnx", mode, conv_node_sizes(model, conv_input_sizes(module, feeds)))
 
     def _fp16(self, model: onnx.ModelProto, spec: Any, feeds: dict[str, torch.Tensor], scratch: Path,
               component: str) -> tuple[onnx.ModelProto, str, dict[str, Any]]:

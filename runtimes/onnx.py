@@ -18,7 +18,7 @@ import torch
 
 from ..errors import CorruptFileError, InputPathError, ShapeError
 from ..export.base import Artifact
-from ..export.winograd import node_scope, scope_index
+from ..export.onnx import node_scope, scope_index
 from .base import register_runtime
 
 WINOGRAD_NODE = re.compile(r"/Conv/winograd\d/.*$")

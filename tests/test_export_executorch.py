@@ -12,6 +12,7 @@ import pocketdiff.runtimes.executorch  # noqa: F401  registers the "executorch" 
 from pocketdiff.errors import ConfigError, CorruptFileError, InputPathError, ShapeError, UnsupportedOpError
 from pocketdiff.export.base import ArtifactSet, ExportOptions, export_bundle
 from pocketdiff.export.components import example_inputs, wrap
+from pocketdiff.export.rewrites import norms
 from pocketdiff.runtimes.base import open_session
 
 
@@ -65,9 +66,9 @@ def test_norm_rewrites_are_exact():
     nn.init.normal_(gn.weight), nn.init.normal_(ln.bias)
     x4, x3 = torch.randn(2, 16, 5, 7) * 3 + 1, torch.randn(2, 9, 16) * 2 - 1
     with torch.no_grad():
-        assert torch.allclose(et_export.XnnpackGroupNorm(gn)(x4), gn(x4), atol=1e-5)
-        assert torch.allclose(et_export.XnnpackGroupNorm(gn)(x4.flatten(2)), gn(x4.flatten(2)), atol=1e-5)
-        assert torch.allclose(et_export.XnnpackLayerNorm(ln)(x3), ln(x3), atol=1e-5)
+        assert torch.allclose(norms.XnnpackGroupNorm(gn)(x4), gn(x4), atol=1e-5)
+        assert torch.allclose(norms.XnnpackGroupNorm(gn)(x4.flatten(2)), gn(x4.flatten(2)), atol=1e-5)
+        assert torch.allclose(norms.XnnpackLayerNorm(ln)(x3), ln(x3), atol=1e-5)
 
 
 def test_fp16_norms_upcast_to_fp32_and_fp32_graphs_get_no_casts():
@@ -75,7 +76,7 @@ def test_fp16_norms_upcast_to_fp32_and_fp32_graphs_get_no_casts():
     gn, ln = nn.GroupNorm(4, 16), nn.LayerNorm(16)
     nn.init.normal_(gn.weight), nn.init.normal_(ln.bias)
     x4, x3 = torch.randn(2, 16, 5, 7) * 30 + 10, torch.randn(2, 9, 16) * 20 - 10
-    for norm, form, x in [(gn, et_export.XnnpackGroupNorm, x4), (ln, et_export.XnnpackLayerNorm, x3)]:
+    for norm, form, x in [(gn, norms.XnnpackGroupNorm, x4), (ln, norms.XnnpackLayerNorm, x3)]:
         half = copy.deepcopy(norm).half()
         with torch.no_grad():
             ref = copy.deepcopy(half).float()(x.half().float())  # fp32 norm of the fp16 input and weights
@@ -88,11 +89,11 @@ def test_fp16_norms_upcast_to_fp32_and_fp32_graphs_get_no_casts():
         graph = torch.export.export(module, (x,)).graph
         return sum("to_copy" in str(n.target) or "aten.to" in str(n.target) for n in graph.nodes)
 
-    assert casts(et_export.XnnpackGroupNorm(gn, upcast=True), x4) == 0  # fp32 in: nothing to cast
-    assert casts(et_export.XnnpackGroupNorm(copy.deepcopy(gn).half(), upcast=True), x4.half()) >= 2
-    assert casts(et_export.XnnpackGroupNorm(copy.deepcopy(gn).half(), upcast=False), x4.half()) == 0
+    assert casts(norms.XnnpackGroupNorm(gn, upcast=True), x4) == 0  # fp32 in: nothing to cast
+    assert casts(norms.XnnpackGroupNorm(copy.deepcopy(gn).half(), upcast=True), x4.half()) >= 2
+    assert casts(norms.XnnpackGroupNorm(copy.deepcopy(gn).half(), upcast=False), x4.half()) == 0
     with pytest.raises(ConfigError, match="norm statistics"):
-        et_export.rewrite_norms(nn.Sequential(gn), "bf16")
+        norms.rewrite_norms(nn.Sequential(gn), "bf16")
 
 
 def test_shape_outside_export_is_shape_error(tiny, exported):

@@ -28,7 +28,8 @@ def test_wheel_installs_and_runs(tmp_path):
                     "-w", str(tmp_path / "dist"), str(source)], check=True, capture_output=True)
     wheel = next((tmp_path / "dist").glob("pocketdiff-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for expected in ("pocketdiff/cli.py", "pocketdiff/export/base.py", "pocketdiff/runtimes/base.py",
+    for expected in ("pocketdiff/cli.py", "pocketdiff/export/base.py", "pocketdiff/export/rewrites/attention.py",
+                     "pocketdiff/export/rewrites/winograd_table.py", "pocketdiff/runtimes/base.py",
                      "pocketdiff/compress/__init__.py", "pocketdiff/recipes/default.toml",
                      "pocketdiff/weights/classifier.safetensors",
                      "pocketdiff/weights/fashion/unet/diffusion_pytorch_model.safetensors"):

@@ -12,8 +12,9 @@ import torch
 from pocketdiff.export.base import ExportOptions
 from pocketdiff.export.components import example_inputs, wrap
 from pocketdiff.export.onnx import OnnxExporter
-from pocketdiff.export.winograd import (apply_winograd, choose_m, conv_shape_key, matrices, output_transform,
-                                        input_transform_kernel, pick_tile, single_conv_model, transform_weights)
+from pocketdiff.export.rewrites.winograd import (choose_m, conv_shape_key, input_transform_kernel, matrices,
+                                                 output_transform, pick_tile, transform_weights)
+from pocketdiff.export.rewrites.winograd_onnx import apply_winograd, single_conv_model
 from pocketdiff.runtimes.base import open_session
 from pocketdiff.zoo import build_arch
 
@@ -23,7 +24,7 @@ EPS = {np.float32: np.finfo(np.float32).eps, np.float16: np.finfo(np.float16).ep
 @pytest.mark.parametrize("m", [2, 4])
 def test_transforms_are_exact_in_rational_arithmetic(m):
     """A^T [(G g G^T) * (B^T d B)] A equals the 3x3 correlation exactly, for random integer tiles."""
-    from pocketdiff.export.winograd import _AT, _BT, _G
+    from pocketdiff.export.rewrites.winograd import _AT, _BT, _G
 
     rng = random.Random(m)
     a = m + 2
@@ -139,8 +140,10 @@ def test_exported_unet_with_winograd_matches_pytorch(tmp_path):
 
 def test_auto_mode_follows_the_measured_table(tmp_path, monkeypatch):
     """Exactly the convs whose table row calls for a tile are rewritten, with that tile; fp16 stays direct."""
-    from pocketdiff.export import winograd_table
-    from pocketdiff.export.winograd import conv_input_sizes, eligible_module, node_scope
+    from pocketdiff.export.onnx import node_scope
+    from pocketdiff.export.rewrites import winograd_table
+    from pocketdiff.export.rewrites.winograd import conv_input_sizes
+    from pocketdiff.export.rewrites.winograd_torch import eligible_module
 
     bundle = build_arch("tiny", seed=2)
     module = wrap(bundle, "unet").module
@@ -162,7 +165,7 @@ def test_auto_mode_follows_the_measured_table(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("m", [2, 4])
 def test_torch_winograd_module_matches_conv_and_exports(m):
-    from pocketdiff.export.winograd import WinogradConv2d
+    from pocketdiff.export.rewrites.winograd_torch import WinogradConv2d
 
     torch.manual_seed(m)
     conv = torch.nn.Conv2d(16, 24, 3, padding=1)

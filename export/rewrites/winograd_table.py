@@ -1,6 +1,6 @@
 """Winograd per-layer tables (per backend), measured by bench/winograd_bench.py and
 bench/winograd_executorch.py; do not edit, rerun them. SOURCES says how each was measured;
-export.winograd.pick_tile decides from these times."""
+export.rewrites.winograd.pick_tile decides from these times."""
 
 SOURCES: dict[str, str] = {'onnx': '2026-11-26, AMD EPYC, 2 cores, onnxruntime 1.32.0; command: bench/winograd_bench.py fashion@64 arch:sd15@512 --repeats 5', 'executorch': '2026-11-26, AMD EPYC, 2 cores, executorch 1.5.1 (XNNPACK); command: bench/winograd_executorch.py fashion@64 arch:sd15@512 --limit 6 --repeats 5'}
 

@@ -1,24 +1,27 @@
-"""The one place that decides how attention is emitted for each backend, and counts what was emitted.
+"""Attention forms, and the one place that decides which form each backend gets (`choose_form`).
 
 Forms (every one computes softmax(Q K^T * scale) V per head; they differ only in the graph they trace to):
     ort_mha        one com.microsoft::MultiHeadAttention node per attention (onnxruntime; its CPU kernel
                    tiles the product, so the [S, L] attention matrix is never written to memory)
-    sdpa           torch scaled_dot_product_attention (ExecuTorch; Core ML iOS18 lowers it to its
-                   scaled_dot_product_attention op)
+    sdpa           torch scaled_dot_product_attention (Core ML iOS18, traced through `default_scale_sdpa`
+                   so that coremltools lowers it to its scaled_dot_product_attention op)
     split_einsum   per-head einsums in the [B, C, 1, S] layout of Apple's ml-stable-diffusion, the form
                    the Neural Engine runs well (Core ML iOS16/17, which have no fused op)
     softmax        explicit batched matmuls around a single Softmax op: the partially fused form for
-                   backends with no attention op
+                   backends with no attention op (ExecuTorch: torch SDPA decomposes with NaN-guard ops
+                   that XNNPACK does not take)
 
 Diffusers' `Attention` modules are switched to the chosen form with `attention_form(module, form)`,
-which restores the original processors afterwards, so exporting never changes the Bundle.
+which restores the original processors afterwards, so exporting never changes the Bundle. Counting the
+fused ops an artifact holds is the backend's job (`export.onnx.count_onnx_fused`,
+`export.coreml.count_coreml_fused`); `intended_fused_count` says how many there should be.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,13 +29,11 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from ..errors import ConfigError, UnsupportedOpError
+from ...errors import ConfigError, UnsupportedOpError
 
 FORMS = ("ort_mha", "sdpa", "split_einsum", "softmax")
-ORT_FUSED_OPS = ("Attention", "MultiHeadAttention")
-COREML_FUSED_OPS = ("scaled_dot_product_attention",)
-TORCH_SDPA_OPS = ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
-                  "_scaled_dot_product_attention_math", "sdpa")
+# (q, k, v, heads, scale) -> attention output: what a form computes inside the processor.
+Core = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, float], torch.Tensor]
 
 
 def choose_form(backend: str, deployment_target: str | None = None) -> str:
@@ -40,7 +41,7 @@ def choose_form(backend: str, deployment_target: str | None = None) -> str:
     if backend == "onnx":
         return "ort_mha"
     if backend == "executorch":
-        return "sdpa"
+        return "softmax"
     if backend == "coreml":
         target = (deployment_target or "iOS18").lower()
         if target not in ("ios16", "ios17", "ios18"):
@@ -102,16 +103,29 @@ def _ort_mha(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scal
     return _OrtMultiHeadAttention.apply(q, k, v, heads, scale)
 
 
-_CORES = {"ort_mha": _ort_mha, "sdpa": _sdpa, "split_einsum": _split_einsum, "softmax": _softmax}
+def default_scale_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """The sdpa form with the default scale (query pre-scaled): coremltools fuses torch SDPA into Core ML's
+    iOS18 scaled_dot_product_attention op only when no explicit scale is passed."""
+    b, s, d = q.shape
+    dh = d // heads
+    q = q * (scale * math.sqrt(dh)) if not math.isclose(scale, 1 / math.sqrt(dh), rel_tol=1e-6) else q
+    qh, kh, vh = (x.view(x.shape[0], x.shape[1], heads, dh).transpose(1, 2) for x in (q, k, v))
+    return F.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2).reshape(b, s, d)
+
+
+_CORES: dict[str, Core] = {"ort_mha": _ort_mha, "sdpa": _sdpa, "split_einsum": _split_einsum, "softmax": _softmax}
 
 
 class FormProcessor:
-    """A diffusers attention processor computing attention in one of `FORMS` (mirrors AttnProcessor)."""
+    """A diffusers attention processor computing attention in one of `FORMS` (mirrors AttnProcessor).
 
-    def __init__(self, form: str, path: str = "", used: set[str] | None = None):
+    `core`, when given, computes the form in place of its default (e.g. `default_scale_sdpa` for "sdpa").
+    """
+
+    def __init__(self, form: str, path: str = "", used: set[str] | None = None, core: Core | None = None):
         if form not in FORMS:
             raise ConfigError(f"unknown attention form {form!r}; choose from {', '.join(FORMS)}")
-        self.form, self.path, self.core = form, path, _CORES[form]
+        self.form, self.path, self.core = form, path, core or _CORES[form]
         self.used = used if used is not None else set()
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
@@ -152,17 +166,19 @@ def attention_modules(module: nn.Module) -> list[tuple[str, Attention]]:
 
 
 @contextmanager
-def attention_form(module: nn.Module, form: str, used: set[str] | None = None) -> Iterator[int]:
+def attention_form(module: nn.Module, form: str, used: set[str] | None = None,
+                   core: Core | None = None) -> Iterator[int]:
     """Switch every diffusers Attention in `module` to `form`; yields how many were switched; restores on exit.
 
     `used`, when given, collects the paths of the attention modules that actually run while switched
     (what an export of the traced forward should contain: a VAE wrapper runs only its decoder's).
+    `core`, when given, computes the form in place of its default (see `FormProcessor`).
     """
     mods = attention_modules(module)
     saved = [(m, m.processor) for _, m in mods]
     try:
         for path, m in mods:
-            m.set_processor(FormProcessor(form, path, used))
+            m.set_processor(FormProcessor(form, path, used, core))
         yield len(mods)
     finally:
         for m, proc in saved:
@@ -172,30 +188,3 @@ def attention_form(module: nn.Module, form: str, used: set[str] | None = None) -
 def intended_fused_count(used: set[str], form: str) -> int:
     """How many fused attention ops an export should contain, given the attention modules that ran."""
     return len(used) if form in ("ort_mha", "sdpa") else 0
-
-
-def count_onnx_fused(model: Any) -> int:
-    """Fused attention nodes (com.microsoft Attention / MultiHeadAttention) in an ONNX model or file."""
-    import onnx
-
-    if isinstance(model, (str, Path)):
-        model = onnx.load(str(model), load_external_data=False)
-    return sum(1 for n in model.graph.node if n.op_type in ORT_FUSED_OPS and n.domain == "com.microsoft")
-
-
-def count_coreml_fused(mlpackage: str | Path) -> int:
-    """scaled_dot_product_attention ops in a Core ML ML Program (no model load, works on Linux)."""
-    from .coreml import op_counts
-
-    counts = op_counts(Path(mlpackage))
-    return sum(counts.get(o, 0) for o in COREML_FUSED_OPS)
-
-
-def count_torch_fused(graph_module: Any) -> int:
-    """SDPA calls in an FX graph (torch.export / ExecuTorch edge program graph_module)."""
-    n = 0
-    for node in graph_module.graph.nodes:
-        if node.op == "call_function" and any(o in str(node.target) for o in TORCH_SDPA_OPS):
-            n += 1
-    return n
-

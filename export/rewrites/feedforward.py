@@ -3,7 +3,8 @@
 diffusers' GEGLU computes `proj(x).chunk(2, -1)`: traced, that is one [B, S, 2F] MatMul and bias Add,
 then two Slice copies of the halves plus the shape arithmetic that locates the split, in every
 transformer block. Two linears over the same input write the halves directly, and put the gate's
-bias Add right before its Gelu, which onnxruntime fuses into one BiasGelu kernel. The weights are the
+bias Add right before its Gelu, which onnxruntime fuses into one BiasGelu kernel (the form recommended for
+onnxruntime; the ONNX exporter applies it). The weights are the
 two halves of `proj`, so the result is the same computation, in the same fp32 arithmetic per element.
 
 Measured (one 2-core host, docs/BENCHMARKS.md): SD1.5's U-Net at 512² spends 60 instead of 118 ms per call in
