@@ -4,22 +4,36 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from ..commands import Handler, command, emit, path_arg
-from ..errors import ConfigError
+from ..commands import Handler, command, emit, int_range, path_arg, sample_value
+from ..sampler import MAX_SIDE
 from ..sources import DEFAULT_MODEL
+from .base import MANIFEST
+
+
+MAX_EXPORT_BATCH = 64
 
 
 def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
+    """argparse type: a comma-separated list, at least one item, none twice."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {value!r}")
+    twice = sorted({v for v in items if items.count(v) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"{twice[0]!r} is listed twice")
+    return items
 
 
-def _ints(value: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in _csv(value))
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from e
+def _ints(lo: int, hi: int) -> Callable[[str], tuple[int, ...]]:
+    """argparse type: comma-separated integers, each in [lo, hi]."""
+    one = int_range(lo, hi)
+
+    def convert(value: str) -> tuple[int, ...]:
+        return tuple(one(v) for v in _csv(value))
+    return convert
 
 
 @command("export", "export the text encoder, U-Net and VAE to ONNX / Core ML / ExecuTorch artifacts")
@@ -30,8 +44,9 @@ def _export(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     p.add_argument("--components", type=_csv, default=["text_encoder", "unet", "vae_decoder", "vae_encoder"],
                    help="comma-separated components to export")
-    p.add_argument("--batch-sizes", type=_ints, default=(1, 2), help="batch sizes to export and validate for")
-    p.add_argument("--resolutions", type=_ints, default=(), help="image sides in pixels (default: native)")
+    p.add_argument("--batch-sizes", type=_ints(1, MAX_EXPORT_BATCH), default=(1, 2),
+                   help="batch sizes to export and validate for")
+    p.add_argument("--resolutions", type=_ints(1, MAX_SIDE), default=(), help="image sides in pixels (default: native)")
     p.add_argument("--deployment-target", default="iOS18", help="Core ML: iOS16, iOS17 or iOS18")
     p.add_argument("--executorch-delegate", choices=["xnnpack", "coreml"], default="xnnpack",
                    help="ExecuTorch: XNNPACK (CPU, runs here) or Core ML (lowers here, runs on Apple devices)")
@@ -40,19 +55,30 @@ def _export(p: argparse.ArgumentParser) -> Handler:
                         "or everywhere with F(2x2,3x3) / F(4x4,3x3)")
     p.add_argument("--fp16-norms", choices=["fp32", "fp16"], default="fp32",
                    help="ExecuTorch fp16: compute GroupNorm/LayerNorm in fp32 (accurate, default) or fp16 (faster)")
-    p.add_argument("--out", type=path_arg, required=True, help="artifact folder (written atomically)")
+    p.add_argument("--out", type=path_arg, required=True,
+                   help="artifact folder (written atomically; an existing one is replaced only if it is an earlier "
+                        f"export, holding {MANIFEST})")
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace --out even if it is not an earlier export (no {MANIFEST})")
 
     def run(args: argparse.Namespace) -> None:
-        from ..export.base import ExportOptions, export_bundle
+        from ..export.base import ExportOptions, export_bundle, get_exporter, load_builtins
+        from ..fileio import prepare_output_dir
         from ..sources import load_model
 
-        if not args.targets:
-            raise ConfigError("no export target given; use --targets onnx,coreml,executorch")
+        prepare_output_dir(args.out, MANIFEST, args.overwrite)
         options = ExportOptions(components=tuple(args.components), precision=args.precision,
-                                batch_sizes=args.batch_sizes or (1,), resolutions=args.resolutions,
+                                batch_sizes=args.batch_sizes, resolutions=args.resolutions,
                                 extra={"deployment_target": args.deployment_target, "winograd": args.winograd,
                                        "executorch_delegate": args.executorch_delegate,
                                        "fp16_norms": args.fp16_norms})
+        load_builtins()
+        for target in args.targets:
+            get_exporter(target)
+        if "coreml" in args.targets:
+            from ..export.coreml import deployment_target
+
+            deployment_target(options)
         bundle = load_model(args.model)
         model = args.model if not Path(args.model).exists() else str(Path(args.model).resolve())
         aset = export_bundle(bundle, model, args.targets, options, args.out,
@@ -70,15 +96,17 @@ def _validate(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("artifacts", type=path_arg, help="a folder written by `pocketdiff export`")
     p.add_argument("--targets", type=_csv, default=None, help="only these targets (default: all in the folder)")
     p.add_argument("--model", default=None, help="reference model (default: the one recorded at export)")
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=sample_value("steps", int), default=8)
+    p.add_argument("--seed", type=sample_value("seed", int), default=0)
     p.add_argument("--report", type=path_arg, default=None, help="also write the JSON report here")
 
     def run(args: argparse.Namespace) -> None:
-        from ..fileio import atomic_write_json
+        from ..fileio import atomic_write_json, prepare_output_file
         from ..runtimes.harness import ValidateConfig, raise_on_failure, validate
         from ..sources import load_model
 
+        if args.report:
+            prepare_output_file(args.report, "--report")
         bundle = load_model(args.model) if args.model else None
         report = validate(args.artifacts, bundle=bundle, targets=args.targets,
                           config=ValidateConfig(steps=args.steps, seed=args.seed), progress=False)

@@ -1,23 +1,45 @@
 """The `pocketdiff` command: a thin layer over the Python API.
 
-Exit codes: 0 success, 1 failure (including a quality gate missed), 2 usage or bad input.
+Exit codes: 0 success, 1 failure (including a quality gate missed), 2 usage or bad input, 75 a run
+stopped at its time limit, 130 interrupted (SIGINT), 143 terminated (SIGTERM). Every failure is one
+line on stderr, `pocketdiff: error: ...` (input) or `pocketdiff: failed: ...`; with --json it is also
+`{"error": {"kind", "message", "exit_code"}}` on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from . import __version__
 from .errors import PocketdiffError, UserError
 
+# What an interrupt leaves behind, for commands that keep finished work; every other command writes
+# atomically, so an interrupt leaves nothing.
+_KEPT_ON_INTERRUPT = {"run": "finished stages are kept; rerun the same command to resume",
+                      "train": "checkpoints written so far are kept; rerun the same command to resume"}
+
+
+class UsageError(UserError):
+    """A command line argparse cannot read: unknown flag, missing argument, a value out of range."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised where the program is so that every cleanup (`atomic_dir`) runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # usage errors: one line, exit 2
-        self.print_usage(sys.stderr)
-        print(f"pocketdiff: error: {message}", file=sys.stderr)
-        sys.exit(2)
+    def error(self, message: str) -> None:  # one line, not the usage block; main() prints it
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,22 +72,64 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _on_signal(signum: int, frame: object) -> None:
+    """Raise `Interrupted`; later signals are ignored so they cannot cut the cleanup short."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+@contextmanager
+def interrupts_raise() -> Iterator[None]:
+    """Within the block SIGINT and SIGTERM raise `Interrupted` (SIGTERM would otherwise kill the process
+    with its temporary folders in place); the previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _fail(kind: str, message: str, exit_code: int, as_json: bool, label: str = "error") -> int:
+    """Report a failure: one line on stderr, and the JSON error object on stdout with --json."""
+    if as_json:
+        from .fileio import json_text
+
+        print(json_text({"error": {"kind": kind, "message": message, "exit_code": exit_code}}))
+    print(f"pocketdiff: {label}: {message}", file=sys.stderr)
+    return exit_code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "-v" not in argv and "--verbose" not in argv:
-        _quiet_libraries()
-    args = build_parser().parse_args(argv)
-    try:
-        args.handler(args)
-        return 0
-    except PocketdiffError as e:
-        if args.verbose:
-            raise
-        kind = "error" if isinstance(e, UserError) else "failed"
-        print(f"pocketdiff: {kind}: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("pocketdiff: interrupted; finished stages are kept, rerun to resume", file=sys.stderr)
-        return 130
-
+    with interrupts_raise():
+        argv = list(sys.argv[1:] if argv is None else argv)
+        as_json, verbose, command = "--json" in argv, "-v" in argv or "--verbose" in argv, None
+        try:
+            if not verbose:
+                _quiet_libraries()
+            args = build_parser().parse_args(argv)
+            command = args.command
+            args.handler(args)
+            return 0
+        except PocketdiffError as e:
+            if verbose and not isinstance(e, UsageError):
+                raise
+            label = "error" if isinstance(e, UserError) else "failed"
+            return _fail(type(e).__name__, str(e), e.exit_code, as_json, label)
+        except (OSError, MemoryError) as e:  # the machine's failure (disk full, out of memory), not a bug
+            if verbose:
+                raise
+            return _fail(type(e).__name__, str(e) or type(e).__name__, 1, as_json, "failed")
+        except KeyboardInterrupt as e:
+            code = getattr(e, "exit_code", 128 + signal.SIGINT)
+            what = "interrupted" if code == 128 + signal.SIGINT else "terminated"
+            if command is None:
+                message = what
+            else:
+                message = f"{command} {what}; {_KEPT_ON_INTERRUPT.get(command, 'nothing half-written was left')}"
+            return _fail("Interrupted", message, code, as_json, label="stopped")

@@ -7,6 +7,7 @@ computed once per split and cached. Every result states its sample count.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import time
 from dataclasses import dataclass
@@ -16,11 +17,13 @@ import numpy as np
 import torch
 
 from .bundle import Bundle
-from .data import class_prompts, load_fashion_mnist, to_model_images
+from .data import class_prompts, load_fashion_mnist, split_info, to_model_images
+from .errors import ConfigError
+from .fileio import atomic_write_bytes
 from .metrics.classifier import FashionClassifier, load_classifier, prompt_accuracy
 from .metrics.agreement import psnr, ssim
 from .metrics.fid import fid_from_features, inception_features, inception_path, kid, load_inception
-from .sampler import Components, SampleConfig, generate
+from .sampler import Components, SampleConfig, as_saved, generate
 
 REPORTED_SAMPLES = 10_000
 
@@ -37,18 +40,28 @@ def real_images(split: str, n: int | None = None, data_root: Path | None = None)
     return (to_model_images(images) + 1) / 2
 
 
+def check_count(what: str, n: int, available: int | None = None) -> None:
+    """ConfigError unless 1 <= n (<= `available`, the images there are to take)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or (available is not None and n > available):
+        limit = f" and at most {available:,}" if available is not None else ""
+        raise ConfigError(f"{what} must be an integer of at least 1{limit}, got {n!r}")
+
+
 def reference_features(split: str, net: torch.jit.ScriptModule, n: int | None = None,
                        data_root: Path | None = None) -> np.ndarray:
-    """Inception features of real images of `split`, cached on disk by network and count."""
+    """Inception features of the first `n` (None: all) real images of `split`, cached on disk by network,
+    count and the data file itself (so another --data folder never reuses these features)."""
+    available, data_id = split_info(split, data_root)
+    if n is not None:
+        check_count(f"the number of real {split} images", n, available)
     net_id = hashlib.sha256(inception_path().read_bytes()[:1 << 20]).hexdigest()[:12]
-    path = cache_dir() / f"fid_{split}_{n or 'all'}_{net_id}.npy"
+    path = cache_dir() / f"fid_{split}_{n or 'all'}_{net_id}_{data_id}.npy"
     if path.is_file():
         return np.load(path)
     feats = inception_features(real_images(split, n, data_root), net)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, feats)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.save(buf, feats)
+    atomic_write_bytes(path, buf.getvalue())
     return feats
 
 
@@ -68,7 +81,9 @@ class Yardstick:
                    reference_features("test", net, reference_n, data_root))
 
     def score(self, images: torch.Tensor, labels: list[int] | None = None) -> dict:
-        """FID, KID and (given labels) prompt accuracy of images [N, 3, H, W] in [0, 1]."""
+        """FID, KID and (given labels) prompt accuracy of images [N, 3, H, W] in [0, 1], scored as the
+        8-bit PNGs a user saves (`sampler.as_saved`), so the figures hold for the files people keep."""
+        images = as_saved(images)
         feats = inception_features(images, self.inception)
         kid_mean, kid_std = kid(feats, self.reference, subset_size=min(1000, len(feats)))
         out = {"samples": len(images), "reference_samples": len(self.reference),
@@ -80,6 +95,7 @@ class Yardstick:
 
 def floor(yardstick: Yardstick, n: int, data_root: Path | None = None) -> dict:
     """FID/KID of `n` real train images against the reference: the best a model can score at that count."""
+    check_count("the sample count", n)
     feats = reference_features("train", yardstick.inception, n, data_root)
     kid_mean, _ = kid(feats, yardstick.reference, subset_size=min(1000, n))
     return {"samples": n, "fid": fid_from_features(feats, yardstick.reference), "kid": kid_mean,
@@ -104,6 +120,7 @@ def autoencoder_floor(bundle: Bundle, yardstick: Yardstick, n: int, data_root: P
 
 def agreement(bundle: Bundle, reference: Bundle, n: int, config: SampleConfig, progress: bool = True) -> dict:
     """PSNR and SSIM of `bundle`'s images against `reference`'s for the same prompts and seeds."""
+    check_count("the sample count", n)
     prompts, _ = class_prompts(max(1, n // 10))
     ours = generate(bundle, prompts[:n], config, progress=progress)
     theirs = generate(reference, prompts[:n], config, progress=progress)
@@ -113,6 +130,7 @@ def agreement(bundle: Bundle, reference: Bundle, n: int, config: SampleConfig, p
 def evaluate(bundle: Bundle, yardstick: Yardstick, n: int, config: SampleConfig,
              components: Components | None = None, progress: bool = True) -> dict:
     """Generate `n` images cycling over the ten class prompts and score them."""
+    check_count("the sample count", n)
     prompts, labels = class_prompts(max(1, n // 10))
     t0 = time.monotonic()
     images = generate(bundle, prompts[:n], config, components, progress)

@@ -8,17 +8,20 @@ artifact: the harness compares like with like.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+import io
+import numbers
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from .bundle import Bundle
 from .errors import ConfigError, ShapeError
-from .schedulers import check_steps, make_scheduler
+from .fileio import atomic_write_bytes
+from .schedulers import MAX_STEPS, check_steps, make_scheduler, scheduler_names
 
 
 class Components(Protocol):
@@ -87,9 +90,42 @@ class CachedTextComponents(TorchComponents):
         return torch.stack([self.table[p] for p in prompts]).to(self.device, self.dtype)
 
 
+MAX_SIDE = 4096  # pixels; past every supported model's size, so a larger ask is a typo, not a 40 GB tensor
+MAX_SEED = 2**63 - 1  # seeds are int64 in torch.Generator.manual_seed
+MAX_GUIDANCE = 100.0
+_RANGES: dict[str, tuple[type, float, float | None]] = {
+    "steps": (int, 1, MAX_STEPS), "guidance_scale": (float, 0.0, MAX_GUIDANCE), "seed": (int, 0, MAX_SEED),
+    "height": (int, 1, MAX_SIDE), "width": (int, 1, MAX_SIDE), "batch_size": (int, 1, None)}
+
+
+def check_sample_value(name: str, value: Any, label: str | None = None) -> Any:
+    """`value` as SampleConfig field `name` takes it (ints widen to float); ConfigError naming `label`
+    (default `name`) for a wrong type, NaN, an infinity or a value out of range."""
+    label = label or name
+    if name == "scheduler":
+        if value not in scheduler_names():
+            raise ConfigError(f"{label}: unknown scheduler {value!r}; choose one of {', '.join(scheduler_names())}")
+        return value
+    if name == "negative_prompt":
+        if not isinstance(value, str):
+            raise ConfigError(f"{label} must be a string, got {value!r}")
+        return value
+    if name in ("height", "width") and value is None:
+        return None
+    kind, lo, hi = _RANGES[name]
+    wanted = numbers.Integral if kind is int else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, wanted):
+        raise ConfigError(f"{label} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if not (lo <= value and (hi is None or value <= hi)):
+        show = (lambda b: f"{int(b):,}") if kind is int else (lambda b: f"{b:g}")
+        bound = f"between {show(lo)} and {show(hi)}" if hi is not None else f"at least {show(lo)}"
+        raise ConfigError(f"{label} must be {bound}, got {value!r}")
+    return kind(value)
+
+
 @dataclass
 class SampleConfig:
-    """Everything that decides the images besides the model and the prompts."""
+    """Everything that decides the images besides the model and the prompts; checked when made."""
 
     steps: int = 50
     scheduler: str = "ddim"
@@ -100,22 +136,36 @@ class SampleConfig:
     width: int | None = None
     batch_size: int = 8
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """ConfigError naming the first field that is out of range (see `check_sample_value`)."""
+        for f in fields(self):
+            setattr(self, f.name, check_sample_value(f.name, getattr(self, f.name)))
+
     @classmethod
-    def for_bundle(cls, bundle: Bundle, **overrides: Any) -> SampleConfig:
-        """The Bundle's own sampling settings (a student's scheduler, steps, guidance), then `overrides`
-        (None values ignored), then the class defaults."""
+    def for_bundle(cls, bundle: Bundle, fallback: dict[str, Any] | None = None, **overrides: Any) -> SampleConfig:
+        """`overrides` (None values ignored) over the Bundle's own sampling settings (a student's scheduler,
+        steps, guidance) over `fallback` (a command's defaults) over the class defaults."""
         given = {k: v for k, v in overrides.items() if v is not None}
-        return cls(**{**bundle.manifest.sampling, **given})
+        values = {**(fallback or {}), **bundle.manifest.sampling, **given}
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown sampling setting {unknown[0]!r} (the model's pocketdiff.json \"sampling\" "
+                              f"or an override); settings: {', '.join(f.name for f in fields(cls))}")
+        return cls(**values)
 
 
 def latent_shape(bundle: Bundle, height: int | None, width: int | None) -> tuple[int, int]:
-    """Latent height and width for an image size; ShapeError if the U-Net cannot take it."""
+    """Latent height and width for an image size (None: native); ShapeError if the U-Net cannot take it."""
     f = bundle.vae_scale_factor
-    height, width = height or bundle.resolution, width or bundle.resolution
+    height = bundle.resolution if height is None else height
+    width = bundle.resolution if width is None else width
     multiple = f * 2 ** (len(bundle.unet.config.down_block_types) - 1)
-    if height <= 0 or width <= 0 or height % multiple or width % multiple:
+    if not (0 < height <= MAX_SIDE and 0 < width <= MAX_SIDE) or height % multiple or width % multiple:
         raise ShapeError(f"{height}x{width} is not a size this model takes: height and width must be "
-                         f"positive multiples of {multiple} (native {bundle.resolution})")
+                         f"multiples of {multiple} between {multiple} and {MAX_SIDE} (native {bundle.resolution})")
     return height // f, width // f
 
 
@@ -163,14 +213,16 @@ def generate(bundle: Bundle, prompts: list[str], config: SampleConfig | None = N
              components: Components | None = None, progress: bool = True) -> torch.Tensor:
     """Images for `prompts` as a float tensor [N, 3, H, W] in [0, 1]."""
     config = config or SampleConfig()
+    config.check()
     if not prompts:
         raise ConfigError("no prompts given")
-    if config.batch_size < 1:
-        raise ConfigError(f"batch size must be at least 1, got {config.batch_size}")
-    check_steps(config.steps, bundle.scheduler.config.num_train_timesteps)
+    if config.seed + len(prompts) - 1 > MAX_SEED:
+        raise ConfigError(f"seed {config.seed} is too large for {len(prompts)} images: image i draws seed + i, "
+                          f"which must stay at most {MAX_SEED}")
     hw = latent_shape(bundle, config.height, config.width)
-    components = components or TorchComponents(bundle)
     scheduler = make_scheduler(config.scheduler, bundle.scheduler.config)
+    check_steps(config.steps, scheduler, config.scheduler)
+    components = components or TorchComponents(bundle)
     guided = config.guidance_scale > 1.0
     out = []
     bar = tqdm(total=len(prompts), desc=f"{config.scheduler} x{config.steps}", unit="img", disable=not progress)
@@ -189,7 +241,28 @@ def generate(bundle: Bundle, prompts: list[str], config: SampleConfig | None = N
     return torch.cat(out)
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[N, 3, H, W] floats in [0, 1] to the uint8 [N, H, W, 3] a saved PNG holds (round half to even, like
+    torchvision): the one rounding every saved or scored image goes through."""
+    return (images.detach().permute(0, 2, 3, 1).cpu().float() * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def as_saved(images: torch.Tensor) -> torch.Tensor:
+    """[N, 3, H, W] floats in [0, 1] exactly as they read back from the 8-bit PNGs `to_pil` saves."""
+    return to_uint8(images).permute(0, 3, 1, 2).float() / 255
+
+
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """[N, 3, H, W] floats in [0, 1] to 8-bit PIL images (round half to even, like torchvision)."""
-    arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().clip(0, 255).astype(np.uint8)
-    return [Image.fromarray(a) for a in arr]
+    """[N, 3, H, W] floats in [0, 1] to 8-bit PIL images (see `to_uint8`)."""
+    return [Image.fromarray(a) for a in to_uint8(images).numpy()]
+
+
+def save_pngs(images: torch.Tensor, folder: Path, seed: int) -> list[str]:
+    """Write images [N, 3, H, W] in [0, 1] into `folder` as NNNN_seedS.png (image i drew seed + i); their names."""
+    names = []
+    for i, img in enumerate(to_pil(images)):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        names.append(f"{i:04d}_seed{seed + i}.png")
+        atomic_write_bytes(Path(folder) / names[-1], buf.getvalue())
+    return names

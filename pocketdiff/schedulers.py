@@ -33,7 +33,18 @@ def make_scheduler(name: str, config: dict[str, Any]) -> Any:
     return factory(dict(config))
 
 
-def check_steps(steps: int, num_train_timesteps: int = MAX_STEPS) -> None:
-    """Raise ConfigError unless 1 <= steps <= the training timesteps."""
-    if not 1 <= steps <= num_train_timesteps:
-        raise ConfigError(f"steps must be between 1 and {num_train_timesteps}, got {steps}")
+def step_limit(scheduler: Any) -> int:
+    """The most sampling steps `scheduler` takes: its training timesteps, and for LCM at most the
+    `original_inference_steps` its timesteps are drawn from."""
+    cfg = scheduler.config
+    limit = int(cfg.get("num_train_timesteps", MAX_STEPS))
+    if cfg.get("original_inference_steps") is not None and isinstance(scheduler, diffusers.LCMScheduler):
+        limit = min(limit, int(cfg["original_inference_steps"]))
+    return limit
+
+
+def check_steps(steps: int, scheduler: Any, name: str) -> None:
+    """ConfigError unless 1 <= steps <= `step_limit(scheduler)`; `name` is the scheduler's name for the message."""
+    limit = step_limit(scheduler)
+    if not 1 <= steps <= limit:
+        raise ConfigError(f"steps must be between 1 and {limit} for the {name} scheduler of this model, got {steps}")
