@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Job: run a recipe on the GPU for at most LIMIT seconds, resumably; when it has finished, pack its
+# final stage (U-Net weights, configs, pocketdiff.json, stage.json, training logs), run.json and the
+# job's log into $OUT as RUN.tar (RUN.tar.0, .1, ... when over 16 MiB; here: cat RUN.tar* | tar x).
+# The run folder and the log live in /tmp/pd/runs/, so the next call on the warm machine resumes.
+# Jobs side by side each take their own RUN name: own run folder, log, lock and tarball.
+set -euo pipefail
+usage() {
+  [ $# -eq 0 ] || echo "recipe.sh: $*" >&2
+  echo "usage: scripts/device/jobs/recipe.sh RECIPE RUN_DIR SECONDS" >&2
+  echo "  RECIPE   a built-in recipe name (pocketdiff/recipes/NAME.toml) or a recipe file" >&2
+  echo "  RUN_DIR  a name (letters, digits, . _ -): the run folder is /tmp/pd/runs/RUN_DIR" >&2
+  echo "  SECONDS  time limit of this call's share; exit 75 means unfinished: call again to resume" >&2
+  exit 2
+}
+root=$(cd "$(dirname "$0")/../../.." && pwd)
+[ $# -eq 3 ] || usage "takes 3 arguments, got $#"
+recipe=$1 name=$2 limit=$3
+[ -f "$root/pocketdiff/recipes/$recipe.toml" ] || [ -f "$recipe" ] || usage "no built-in recipe or file '$recipe'"
+[[ $name =~ ^[A-Za-z0-9._-]+$ && $name != . && $name != .. ]] || usage "RUN_DIR '$name' is not a plain name"
+[[ $limit =~ ^[1-9][0-9]*$ ]] || usage "SECONDS '$limit' is not a positive whole number"
+
+# shellcheck source=SCRIPTDIR/../lib.sh
+. "$root/scripts/device/lib.sh" || exit 1
+cd "$PD_ROOT"
+pd_need "$POCKETDIFF_DATA/train-images-idx3-ubyte" "$POCKETDIFF_DATA/train-labels-idx1-ubyte.gz" \
+  "$POCKETDIFF_TEXT_STATES" || exit 3
+runs=$PD_HOME/runs run_dir=$PD_HOME/runs/$name log=$PD_HOME/runs/$name.log
+mkdir -p "$runs"
+exec 7>"$runs/$name.lock"
+flock -n 7 || usage "another job of this call is using RUN_DIR '$name'"
+
+say() { sed "s/^/[$name] /"; }
+echo "== $(date -u +%FT%TZ) $recipe, at most $limit s" >>"$log"
+echo "$recipe -> $run_dir, at most $limit s (log $log)" | say
+status=0
+python3 -m pocketdiff run "$recipe" --out "$run_dir" --device cuda --time-limit "$limit" >>"$log" 2>&1 || status=$?
+case $status in
+  0)
+    final=$(python3 -c 'import json, sys; s = json.load(open(sys.argv[1]))["stages"]; print(s[-1]["folder"] if s else "")' \
+      "$run_dir/run.json")
+    mapfile -t files < <(cd "$runs" && { [ -z "$final" ] || find "$name/$final" -type f \
+      \( -path "$name/$final/unet/*" -o -name '*.json' -o -name '*.jsonl' \); echo "$name/run.json"; echo "$name.log"; })
+    pd_pack "$name" "$runs" "${files[@]}"
+    echo "FINISHED: packed ${#files[@]} files of ${final:-the run} into \$OUT/$name.tar*" | say ;;
+  75)
+    tail -n 3 "$log" | say
+    echo "UNFINISHED: stopped at the $limit s limit; make the same call again (machine warm) to resume" | say ;;
+  *)
+    tail -n 20 "$log" | say
+    echo "FAILED: exit $status (log above)" | say ;;
+esac
+exit "$status"
