@@ -25,8 +25,8 @@ DEVICE = ROOT / "scripts" / "device"
 SCRIPTS = sorted(p for p in (ROOT / "scripts").rglob("*.sh"))
 MIB = 1 << 20
 
-pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("flock") is None,
-                                reason="needs bash and flock")
+pytestmark = pytest.mark.skipif(any(shutil.which(t) is None for t in ("bash", "flock", "xz")),
+                                reason="needs bash, flock and xz")
 
 # Stands in for python3 on the host: `python3 -m pocketdiff run` is replaced (no GPU here) by a
 # stub that writes a run folder the way the runner does and exits with $STUB_RC; anything else
