@@ -1,14 +1,19 @@
 """Validation harness: exported artifacts against the PyTorch reference, per component and end to end.
 
-Per component: every shape the artifact was exported for, seeded inputs through the PyTorch wrapper
-and through the artifact's runtime; max abs error, relative L2, cosine. End to end: the sampling
-loop of `pocketdiff.sampler` run through the exported components (`ArtifactComponents`) for fixed
-prompts and seeds, final images against the reference by PSNR. Gates: 60 dB (fp32), 35 dB (fp16).
-A target whose runtime cannot execute here (Core ML on Linux) is reported "static check only".
+Every artifact is opened in its runtime first, so a missing or corrupt file fails in seconds, before
+any reference image is generated. Per component: every shape the artifact was exported for, seeded
+inputs through the PyTorch wrapper and through the artifact's runtime; max abs error, relative L2,
+cosine, each gated by a relative-L2 bound per component and precision. End to end: the sampling loop
+of `pocketdiff.sampler` run through the exported components (`ArtifactComponents`) for fixed prompts
+and seeds, final images against the reference by PSNR. The gates are calibrated from the measured
+spread of clean exports with a stated margin (docs/BENCHMARKS.md, "Loaders and gates"). A target
+whose runtime cannot execute here (Core ML on Linux) is reported "static check only". The report
+is plain JSON: a non-finite figure is written as null and listed under "non_finite".
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,13 +23,19 @@ import torch
 
 from ..bundle import Bundle
 from ..errors import ConfigError, GateError, InputPathError
-from ..export.base import Artifact, ArtifactSet, load_builtins
+from ..export.base import Artifact, ArtifactSet, confined_path, load_builtins
 from ..export.components import example_inputs, uses_attention_mask, wrap
 from ..metrics.agreement import parity, psnr
 from ..sampler import SampleConfig, TorchComponents, generate
 from .base import Session, open_session
 
-GATES_DB = {"fp32": 60.0, "fp16": 35.0}
+# End-to-end PSNR and per-component relative-L2 gates; how they were calibrated (clean spread, margin,
+# planted faults each must catch): docs/BENCHMARKS.md, "Loaders and gates".
+GATES_DB = {"fp32": 90.0, "fp16": 35.0}
+COMPONENT_GATES = {
+    "fp32": {"text_encoder": 3e-5, "unet": 3e-5, "vae_decoder": 1.5e-4, "vae_encoder": 3e-5},
+    "fp16": {"text_encoder": 5e-3, "unet": 1.5e-2, "vae_decoder": 6e-3, "vae_encoder": 3e-3},
+}
 LAYER_TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}
 PASSED, FAILED, STATIC = "passed", "failed", "static check only"
 
@@ -94,9 +105,9 @@ class TargetReport:
 
 
 def check_files(folder: Path, aset: ArtifactSet) -> None:
-    """InputPathError naming the first artifact whose file is missing."""
+    """InputPathError naming the first artifact whose file is missing (paths are confined to `folder`)."""
     for a in aset.artifacts:
-        if not (folder / a.path).exists():
+        if not confined_path(folder, a.path, f"{folder}: the {a.target} {a.component} artifact").exists():
             raise InputPathError(f"{folder}: the {a.target} {a.component} artifact ({a.path}) is missing; "
                                  "re-export the folder with `pocketdiff export`")
 
@@ -138,40 +149,71 @@ def validate(folder: Path, bundle: Bundle | None = None, targets: list[str] | No
     aset = ArtifactSet.load(folder)
     check_files(folder, aset)
     load_builtins()
+    have = sorted({a.target for a in aset.artifacts})
+    targets = targets or have
+    unknown = [t for t in targets if t not in have]
+    if unknown:
+        raise ConfigError(f"{folder} has no {unknown[0]} artifacts (has: {', '.join(have)})")
+    sessions = {t: {a.component: open_session(a, folder) for a in aset.artifacts if a.target == t} for t in targets}
     bundle = bundle or load_model(aset.model)
     now = bundle.manifest.content_hash
     if aset.model_hash and now and now != aset.model_hash:
         raise ConfigError(f"the reference model {aset.model!r} is not the one {folder} was exported from (weights "
                           f"hash {now[:12]}, exported from {aset.model_hash[:12]}); pass the exported weights "
                           "with --model, or re-export")
-    have = sorted({a.target for a in aset.artifacts})
-    targets = targets or have
-    unknown = [t for t in targets if t not in have]
-    if unknown:
-        raise ConfigError(f"{folder} has no {unknown[0]} artifacts (has: {', '.join(have)})")
     sample_cfg = SampleConfig(steps=config.steps, scheduler=config.scheduler, guidance_scale=config.guidance_scale,
                               seed=config.seed, height=config.resolution, width=config.resolution, batch_size=1)
     reference = generate(bundle, list(config.prompts), sample_cfg, TorchComponents(bundle), progress=progress)
-    reports = [_validate_target(folder, aset, bundle, t, sample_cfg, reference, config, progress) for t in targets]
-    return {"folder": str(folder), "model": aset.model, "prompts": list(config.prompts), "seed": config.seed,
-            "steps": config.steps, "scheduler": config.scheduler, "guidance_scale": config.guidance_scale,
-            "targets": [asdict(r) for r in reports],
-            "passed": all(r.status == PASSED for r in reports),
-            "failed": [r.target for r in reports if r.status == FAILED]}
+    reports = [_validate_target(folder, aset, bundle, t, sessions[t], sample_cfg, reference, config, progress)
+               for t in targets]
+    report = {"folder": str(folder), "model": aset.model, "prompts": list(config.prompts), "seed": config.seed,
+              "steps": config.steps, "scheduler": config.scheduler, "guidance_scale": config.guidance_scale,
+              "targets": [asdict(r) for r in reports],
+              "passed": all(r.status == PASSED for r in reports),
+              "failed": [r.target for r in reports if r.status == FAILED]}
+    report["non_finite"] = []
+    _non_finite(report, "", report["non_finite"])
+    return report
 
 
-def _validate_target(folder: Path, aset: ArtifactSet, bundle: Bundle, target: str, sample_cfg: SampleConfig,
-                     reference: torch.Tensor, config: ValidateConfig, progress: bool) -> TargetReport:
+def _non_finite(value: Any, where: str, found: list[str]) -> None:
+    """Note in `found` every NaN / infinity in the report and why: JSON writers (`fileio.json_text`) write
+    them as null, so the report says what each null stands for."""
+    if isinstance(value, float) and not math.isfinite(value):
+        why = "NaN: the output held non-finite values" if math.isnan(value) else f"{value}: the outputs were identical"
+        found.append(f"{where.lstrip('.')} = {why}")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _non_finite(v, f"{where}.{k}", found)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _non_finite(v, f"{where}[{i}]", found)
+
+
+def _passes(value: float, bound: float, above: bool = False) -> bool:
+    """Whether a figure meets its gate; NaN never does."""
+    return value >= bound if above else value <= bound
+
+
+def _validate_target(folder: Path, aset: ArtifactSet, bundle: Bundle, target: str, sessions: dict[str, Session],
+                     sample_cfg: SampleConfig, reference: torch.Tensor, config: ValidateConfig,
+                     progress: bool) -> TargetReport:
     arts = {a.component: a for a in aset.artifacts if a.target == target}
     precision = "fp16" if any(a.precision == "fp16" for a in arts.values()) else "fp32"
     report = TargetReport(target=target, precision=precision, status=PASSED, gate_db=GATES_DB[precision])
-    sessions = {c: open_session(a, folder) for c, a in arts.items()}
     static = [c for c, s in sessions.items() if s.static_only]
     for comp, art in arts.items():
         if comp in static:
             report.components[comp] = {"status": STATIC, "checks": getattr(sessions[comp], "checks", {})}
-        else:
-            report.components[comp] = {"parity": component_parity(bundle, art, sessions[comp])}
+            continue
+        rows = component_parity(bundle, art, sessions[comp])
+        worst = max((r["rel_l2"] for r in rows), key=lambda v: math.inf if math.isnan(v) else v)
+        gate = COMPONENT_GATES[precision][comp]
+        ok = _passes(worst, gate)
+        report.components[comp] = {"parity": rows, "rel_l2": worst, "gate_rel_l2": gate,
+                                   "status": PASSED if ok else FAILED}
+        if not ok:
+            report.failed_components.append(comp)
     if static:
         report.status = STATIC
         report.note = f"{', '.join(static)} cannot run on this host; loaded and checked statically only"
@@ -179,22 +221,18 @@ def _validate_target(folder: Path, aset: ArtifactSet, bundle: Bundle, target: st
     runnable = {c: s for c, s in sessions.items() if c != "vae_encoder"}
     images = generate(bundle, list(config.prompts), sample_cfg, ArtifactComponents(bundle, runnable), progress=progress)
     report.psnr_db = psnr(reference, images)
-    encoder_ok = "vae_encoder" not in arts or min(
-        r["psnr_db"] for r in report.components["vae_encoder"]["parity"]) >= report.gate_db
-    if report.psnr_db >= report.gate_db and encoder_ok:
+    if _passes(report.psnr_db, report.gate_db, above=True) and not report.failed_components:
         return report
     report.status = FAILED
-    if not encoder_ok:
-        report.failed_components.append("vae_encoder")
-    for comp, sess in (runnable.items() if report.psnr_db < report.gate_db else ()):
-        alone = generate(bundle, list(config.prompts), sample_cfg, ArtifactComponents(bundle, {comp: sess}),
-                         progress=False)
-        report.components[comp]["psnr_alone_db"] = value = psnr(reference, alone)
-        if value < report.gate_db:
-            report.failed_components.append(comp)
+    if not report.failed_components:  # every component within its gate, yet the images are not: isolate
+        for comp, sess in runnable.items():
+            alone = generate(bundle, list(config.prompts), sample_cfg, ArtifactComponents(bundle, {comp: sess}),
+                             progress=False)
+            report.components[comp]["psnr_alone_db"] = value = psnr(reference, alone)
+            if not _passes(value, report.gate_db, above=True):
+                report.failed_components.append(comp)
     if not report.failed_components:
-        worst = max(runnable, key=lambda c: max(r["rel_l2"] for r in report.components[c]["parity"]))
-        report.failed_components.append(worst)
+        report.failed_components.append(max(runnable, key=lambda c: report.components[c]["rel_l2"]))
     if target == "onnx":
         from .onnx import first_diverging_layer
 
@@ -207,17 +245,33 @@ def _validate_target(folder: Path, aset: ArtifactSet, bundle: Bundle, target: st
 
 
 def failure_message(report: dict[str, Any]) -> str:
-    """One line per failed target: component, PSNR against the gate, first diverging layer."""
+    """One line per failed target: each failing component's relative L2 against its gate, the end-to-end
+    PSNR against its gate, and the first diverging layer."""
     lines = []
     for t in report["targets"]:
         if t["status"] != FAILED:
             continue
+        parts = []
+        for comp in t["failed_components"]:
+            c = t["components"].get(comp, {})
+            if c.get("status") == FAILED:
+                parts.append(f"{comp} ({_figure('rel L2', c['rel_l2'])}, gate {c['gate_rel_l2']:.0e})")
+            else:
+                parts.append(f"{comp} (end to end)")
         layer = t.get("first_diverging_layer")
-        where = f"; first diverging layer {layer['layer']} ({layer['op']}, rel L2 {layer['rel_l2']:.3g})" if layer else ""
-        psnr_text = f"{t['psnr_db']:.2f}" if t["psnr_db"] is not None else "n/a"
-        lines.append(f"{t['target']} {t['precision']}: end-to-end PSNR {psnr_text} dB (gate {t['gate_db']} dB); "
-                     f"failing component(s): {', '.join(t['failed_components'])}{where}")
+        where = f"; first diverging layer {layer['layer']} ({layer['op']}, {_figure('rel L2', layer['rel_l2'])})" \
+            if layer else ""
+        psnr_text = "n/a" if t["psnr_db"] is None else _figure("", t["psnr_db"], ".2f") + " dB"
+        lines.append(f"{t['target']} {t['precision']}: failing component(s): {', '.join(parts)}; end-to-end PSNR "
+                     f"{psnr_text.strip()} (gate {t['gate_db']} dB){where}")
     return " | ".join(lines)
+
+
+def _figure(name: str, value: float | None, spec: str = ".3g") -> str:
+    """'rel L2 7.5e-04', or 'non-finite output' for NaN / None."""
+    if value is None or math.isnan(value):
+        return "non-finite output"
+    return f"{name} {value:{spec}}"
 
 
 def raise_on_failure(report: dict[str, Any]) -> None:
