@@ -324,9 +324,31 @@ def check_component(folder: Path, name: str, component_cls: type) -> None:
     is well typed, and its weights are safetensors files whose headers match their sizes."""
     if not folder.is_dir():
         raise InputPathError(f"{folder}: model_index.json lists {name} but the folder is missing")
-    check_config(folder, name)
+    config = check_config(folder, name)
     if name in MODEL_COMPONENTS:
-        check_safetensors(folder)
+        _check_size(folder, name, component_cls, config, check_safetensors(folder))
+
+
+def _check_size(folder: Path, name: str, cls: type, config: dict[str, Any], stored: dict[str, TensorEntry]) -> None:
+    """ConfigError when the config describes more parameters than the weights hold, naming the tensors that
+    differ: built on the meta device, so a hostile config never allocates, and loading never fills the gap
+    with random values. (Names are compared only here: libraries rename legacy keys while loading.)"""
+    try:
+        with torch.device("meta"):
+            if issubclass(cls, diffusers.ModelMixin):
+                module = cls.from_config(config)
+            else:
+                module = cls(cls.config_class.from_dict(config))
+    except Exception as e:  # diffusers / transformers reject inconsistent configs with untyped errors
+        raise ConfigError(f"{folder}: config.json does not describe a {name} ({first_line(e)})") from e
+    needed, held = sum(p.numel() for p in module.parameters()), sum(math.prod(e.shape) for e in stored.values())
+    if needed > held:
+        want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        check_tensor_sets(str(folder), want.keys() - stored.keys(), stored.keys() - want.keys(),
+                          {k: f"file {list(stored[k].shape)}, config {list(want[k])}" for k in want.keys() & stored.keys()
+                           if want[k] != stored[k].shape}, f"fix {name}/config.json or re-save the folder")
+        raise ConfigError(f"{folder}: config.json describes {needed:,} parameters but the weights hold {held:,}: "
+                          f"the config and weights are of different models; fix {name}/config.json or re-save")
 
 
 # --- safetensors: the header parsed and checked before any library trusts it --------------------------
@@ -347,15 +369,15 @@ class TensorEntry:
     end: int
 
 
-def check_safetensors(folder: Path) -> None:
-    """Raise CorruptFileError for a missing or unreadable weights file in a component folder."""
+def check_safetensors(folder: Path) -> dict[str, TensorEntry]:
+    """The tensors of a component folder's weights files by name; CorruptFileError for a missing or
+    unreadable weights file."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         pickled = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
         what = f" ({', '.join(pickled)} is pickled, and pickles are refused: they can run code)" if pickled else ""
         raise CorruptFileError(f"{folder}: no .safetensors weights{what}; convert the weights to safetensors")
-    for f in files:
-        check_safetensors_file(f)
+    return {name: e for f in files for name, e in check_safetensors_file(f).items()}
 
 
 def check_safetensors_file(f: Path) -> dict[str, TensorEntry]:
