@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -152,6 +153,8 @@ def run_recipe(recipe: Recipe, run_dir: Path, model: str | None = None, config: 
         bundle.manifest.passes.append({"pass": stage.name, "settings": stage.settings_dict(), "report": result.report})
         with atomic_dir(folder) as tmp:
             bundle.write_into(tmp)
+            for log_file in sorted(ctx.work_dir.glob("*.jsonl")):  # training logs stay with the stage
+                shutil.copy2(log_file, tmp / log_file.name)
             atomic_write_json(tmp / STAGE_FILE, {"key": key, "pass": stage.name, "settings": stage.settings_dict(),
                                                  "report": result.report, "seconds": seconds})
         _remove_work(ctx.work_dir)
@@ -177,6 +180,16 @@ def _remove_work(work_dir: Path) -> None:
         work_dir.parent.rmdir()
 
 
+def _text_states_components(bundle: Bundle) -> Any:
+    """On a host without the text encoder's weights, components reading `$POCKETDIFF_TEXT_STATES`."""
+    if bundle.text_encoder is not None or not os.environ.get("POCKETDIFF_TEXT_STATES"):
+        return None
+    from .sampler import CachedTextComponents
+    from .teacher.train import caption_table
+
+    return CachedTextComponents(bundle, caption_table(Path(os.environ["POCKETDIFF_TEXT_STATES"])))
+
+
 def _sample(bundle: Bundle, settings: SampleSettings, out: Path) -> list[str]:
     """Sample the final Bundle with the recipe's [sample] settings (the Bundle's own where unset) into `out`."""
     from .sampler import SampleConfig, generate, to_pil
@@ -185,7 +198,7 @@ def _sample(bundle: Bundle, settings: SampleSettings, out: Path) -> list[str]:
     cfg = SampleConfig.for_bundle(bundle, steps=settings.steps, scheduler=settings.scheduler,
                                   guidance_scale=settings.guidance_scale, negative_prompt=settings.negative_prompt,
                                   seed=settings.seed)
-    images = generate(bundle, settings.prompts, cfg, progress=True)
+    images = generate(bundle, settings.prompts, cfg, components=_text_states_components(bundle), progress=True)
     names = []
     with atomic_dir(out) as tmp:
         for i, img in enumerate(to_pil(images)):

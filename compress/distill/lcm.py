@@ -66,7 +66,8 @@ class LatentConsistencyPass:
         lora_rank: int | None = setting(None, min=1, help="train LoRA adapters of this rank instead")
         data_limit: int | None = setting(None, min=1, help="first N training images only (tests)")
         checkpoint_every: int = setting(500, min=1)
-        compile: Literal["off", "default", "max-autotune-no-cudagraphs"] = "off"
+        compile: Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "off"
+        teacher_bf16: bool = setting(True, help="on CUDA, hold the frozen teacher in bf16 (no per-call casts)")
         seed: int = setting(0, min=0)
 
         def __post_init__(self) -> None:
@@ -112,6 +113,8 @@ def build_lcm(teacher: Bundle, bundle: Bundle, s: LatentConsistencyPass.Settings
     solver = DDIMSolver.build(sched.steps, s.ddim_timesteps, dev)
     data = load_latent_data(teacher, work_dir, dev, s.data_limit)
     teacher_unet = teacher.unet.to(dev).eval().requires_grad_(False)
+    if s.teacher_bf16 and dev.type == "cuda":
+        teacher_unet.to(dtype=torch.bfloat16)
     torch.manual_seed(s.seed)
     student = with_guidance_input(bundle.unet.float()).to(dev)
     if s.lora_rank is not None:
@@ -134,6 +137,8 @@ def build_lcm(teacher: Bundle, bundle: Bundle, s: LatentConsistencyPass.Settings
     span = s.guidance_max - s.guidance_min
 
     def step(c: StepContext) -> None:  # one LCM step on this process's shard of the global batch
+        if s.compile == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
         g = c.generator
         z0, cond, uncond, _ = data.sample(g, s.batch_size)
         index = torch.randint(len(solver.timesteps), (s.batch_size,), generator=g, device=dev)

@@ -38,15 +38,15 @@ def fold_guidance(student: diffusers.UNet2DConditionModel, guidance_scale: float
     if dim is None:
         raise ConfigError("this U-Net has no guidance input to fold")
     emb = student.time_embedding
-    with torch.no_grad():
+    with torch.no_grad():  # in fp32 whatever the stored dtype, then stored like the other weights
         w = torch.tensor([guidance_scale - 1.0], device=emb.cond_proj.weight.device)
-        shift = emb.cond_proj(guidance_embedding(w, dim).to(emb.cond_proj.weight.dtype))[0]
-        bias = emb.linear_1.weight @ shift
+        shift = guidance_embedding(w, dim)[0] @ emb.cond_proj.weight.float().T
+        bias = emb.linear_1.weight.float() @ shift
         if emb.linear_1.bias is not None:
-            bias = bias + emb.linear_1.bias
+            bias = bias + emb.linear_1.bias.float()
     plain = diffusers.UNet2DConditionModel.from_config(student.config, time_cond_proj_dim=None)
     state = {k: v for k, v in student.state_dict().items() if k != "time_embedding.cond_proj.weight"}
-    state["time_embedding.linear_1.bias"] = bias.detach()
+    state["time_embedding.linear_1.bias"] = bias.to(emb.linear_1.weight.dtype)
     plain.load_state_dict(state)
     return _like(plain, student).eval()
 
