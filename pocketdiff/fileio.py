@@ -83,11 +83,12 @@ def prepare_output_dir(path: Path, marker: str, overwrite: bool = False, flag: s
     folder containing it, and a place where nothing can be written.
     """
     path = Path(os.path.abspath(path))
-    _check_replaceable(path, flag)
-    if path.is_dir() and not overwrite and not (path / marker).is_file() and any(path.iterdir()):
-        raise InputPathError(f"{flag} {path}: folder exists and is not an earlier output of this command "
-                             f"(no {marker}); its files would be replaced, so give a new folder or pass --overwrite")
-    _check_writable(path.parent, path, flag)
+    with _path_errors(path, flag):
+        _check_replaceable(path, flag)
+        if path.is_dir() and not overwrite and not (path / marker).is_file() and any(path.iterdir()):
+            raise InputPathError(f"{flag} {path}: folder exists and is not an earlier output of this command "
+                                 f"(no {marker}); its files would be replaced, so give a new folder or pass --overwrite")
+        _check_writable(path.parent, path, flag)
     return path
 
 
@@ -95,10 +96,20 @@ def prepare_output_file(path: Path, flag: str) -> Path:
     """Check, before any work, that the file `path` can be written (an existing file is replaced);
     returns it made absolute. InputPathError for a folder or an unwritable place."""
     path = Path(os.path.abspath(path))
-    if path.is_dir():
-        raise InputPathError(f"{flag} {path}: is a folder; give a file name")
-    _check_writable(path.parent, path, flag)
+    with _path_errors(path, flag):
+        if path.is_dir():
+            raise InputPathError(f"{flag} {path}: is a folder; give a file name")
+        _check_writable(path.parent, path, flag)
     return path
+
+
+@contextlib.contextmanager
+def _path_errors(path: Path, flag: str) -> Iterator[None]:
+    """The OS refusing to look at a path (name too long, a NUL byte, no permission) as InputPathError."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        raise InputPathError(f"{flag} {path}: unusable path ({getattr(e, 'strerror', None) or e})") from None
 
 
 def _alive(pid: int) -> bool:
