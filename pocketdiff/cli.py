@@ -9,6 +9,7 @@ line on stderr, `pocketdiff: error: ...` (input) or `pocketdiff: failed: ...`; w
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -29,12 +30,11 @@ class UsageError(UserError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM, raised where the program is so that every cleanup (`atomic_dir`) runs."""
+    """SIGINT or SIGTERM during a command's work, raised where the program is so every cleanup (`atomic_dir`) runs."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-        self.exit_code = 128 + signum
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,17 +72,30 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+class _SignalState:
+    """What the handler knows: whether the command has started work, and the signal received, if any."""
+
+    working = False
+    received: int | None = None
+
+
 def _on_signal(signum: int, frame: object) -> None:
-    """Raise `Interrupted`; later signals are ignored so they cannot cut the cleanup short."""
+    """Before any work (imports, parsing): exit at once, nothing can be half-written. During work: raise
+    `Interrupted` so cleanups run; later signals are ignored so they cannot cut the cleanup short."""
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
+    _SignalState.received = signum
+    if not _SignalState.working:  # an exception raised inside a half-done import can be swallowed there
+        sys.stderr.write(f"pocketdiff: stopped: {'interrupted' if signum == signal.SIGINT else 'terminated'}\n")
+        sys.stderr.flush()
+        os._exit(128 + signum)
     raise Interrupted(signum)
 
 
 @contextmanager
 def interrupts_raise() -> Iterator[None]:
-    """Within the block SIGINT and SIGTERM raise `Interrupted` (SIGTERM would otherwise kill the process
-    with its temporary folders in place); the previous handlers come back afterwards."""
+    """Within the block SIGINT and SIGTERM stop the command cleanly (`_on_signal`; SIGTERM would otherwise
+    kill the process with its temporary folders in place); the previous handlers come back afterwards."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -106,6 +119,7 @@ def _fail(kind: str, message: str, exit_code: int, as_json: bool, label: str = "
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
+    _SignalState.working, _SignalState.received = False, None
     with interrupts_raise():
         argv = list(sys.argv[1:] if argv is None else argv)
         as_json, verbose, command = "--json" in argv, "-v" in argv or "--verbose" in argv, None
@@ -114,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _quiet_libraries()
             args = build_parser().parse_args(argv)
             command = args.command
+            _SignalState.working = True
             args.handler(args)
             return 0
         except PocketdiffError as e:
@@ -125,11 +140,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if verbose:
                 raise
             return _fail(type(e).__name__, str(e) or type(e).__name__, 1, as_json, "failed")
-        except KeyboardInterrupt as e:
-            code = getattr(e, "exit_code", 128 + signal.SIGINT)
-            what = "interrupted" if code == 128 + signal.SIGINT else "terminated"
-            if command is None:
-                message = what
-            else:
-                message = f"{command} {what}; {_KEPT_ON_INTERRUPT.get(command, 'nothing half-written was left')}"
-            return _fail("Interrupted", message, code, as_json, label="stopped")
+        except BaseException:
+            if _SignalState.received is None:
+                raise
+            # An interrupt, or what a library made of one (an import it cut short fails later, differently).
+            code = 128 + _SignalState.received
+            what = "interrupted" if _SignalState.received == signal.SIGINT else "terminated"
+            kept = _KEPT_ON_INTERRUPT.get(command or "", "nothing half-written was left")
+            return _fail("Interrupted", f"{command} {what}; {kept}", code, as_json, label="stopped")
+        finally:
+            _SignalState.working = False
