@@ -436,11 +436,12 @@ def _entry(f: Path, name: str, value: Any) -> TensorEntry:
 
 def _check_layout(f: Path, entries: dict[str, TensorEntry], data_bytes: int) -> None:
     """The byte ranges must tile the data area exactly: no gap, no overlap, nothing past the end."""
-    position, previous = 0, None
-    for name, e in sorted(entries.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+    for name, e in entries.items():
         if e.end > data_bytes:
             raise _corrupt(f, f"tensor {name!r} ends at byte {e.end} of the data but the file holds {data_bytes}: "
                               "truncated; re-copy it")
+    position, previous = 0, None
+    for name, e in sorted(entries.items(), key=lambda kv: (kv[1].start, kv[1].end)):
         if e.start < position:
             raise _corrupt(f, f"tensors {previous!r} and {name!r} overlap")
         if e.start > position:
