@@ -54,11 +54,18 @@ TOKENS = st.one_of(
 )
 
 
+# What each command needs to parse at all, so that the well-formed lines reach the value checks.
+REQUIRED = {"generate": ["-p", "x"], "export": ["--out", "o"], "validate": ["art"], "train": ["teacher", "--out", "o"]}
+
+
 def _argv() -> st.SearchStrategy[list[str]]:
     per_command = st.sampled_from(sorted(FLAGS)).flatmap(
         lambda c: st.lists(st.one_of(st.sampled_from(FLAGS[c]), TOKENS), max_size=8).map(lambda rest: [c, *rest]))
+    well_formed = st.sampled_from(sorted(FLAGS)).flatmap(
+        lambda c: st.lists(st.tuples(st.sampled_from(FLAGS[c]), TOKENS), max_size=4).map(
+            lambda pairs: [c, *REQUIRED.get(c, []), *(t for pair in pairs for t in pair)]))
     anything = st.lists(st.one_of(st.sampled_from(ALL_FLAGS + sorted(FLAGS)), TOKENS), max_size=6)
-    return st.one_of(per_command, anything)
+    return st.one_of(per_command, well_formed, anything)
 
 
 def _sampling_fields(args: object) -> dict[str, object]:
