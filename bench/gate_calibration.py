@@ -1,7 +1,7 @@
 """Calibrate and check the validation gates: clean exports against exports with one planted fault.
 
-Exports a model (default arch:tiny; `fashion` for the built-in) cleanly (direct convolutions and
-Winograd F(2x2,3x3), which rounds differently) and plants one fault at a time into copies of the
+Exports a model (default arch:tiny; `fashion` for the built-in) cleanly (direct convolutions, and
+Winograd F(2x2,3x3) and F(4x4,3x3) everywhere, which round differently) and plants one fault at a time into copies of the
 clean graph: one U-Net attention projection x1.01, one VAE-decoder convolution x1.01, one NaN
 U-Net weight. Each folder goes through `pocketdiff validate`'s harness; prints per-component relative
 L2, the end-to-end PSNR, the verdict and whom it blames. A clean export must pass and every fault fail.
@@ -82,7 +82,7 @@ def main() -> None:
     wrong = []
     with tempfile.TemporaryDirectory() as tmp:
         for precision in args.precisions.split(","):
-            for winograd in ("off", "f2"):
+            for winograd in ("off", "f2", "f4"):
                 folder = Path(tmp) / f"{precision}-{winograd}"
                 t0 = time.monotonic()
                 export_bundle(bundle, args.model, targets, ExportOptions(components=COMPONENTS, precision=precision,
