@@ -147,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = 128 + _SignalState.received
             what = "interrupted" if _SignalState.received == signal.SIGINT else "terminated"
             kept = _KEPT_ON_INTERRUPT.get(command or "", "nothing half-written was left")
+            print(file=sys.stderr)  # the interrupt may have cut a progress bar or a log line short
             return _fail("Interrupted", f"{command} {what}; {kept}", code, as_json, label="stopped")
         finally:
             _SignalState.working = False
