@@ -36,7 +36,8 @@ COMPONENT_GATES = {
     "fp32": {"text_encoder": 3e-5, "unet": 3e-5, "vae_decoder": 1.5e-5, "vae_encoder": 1.5e-5},
     "fp16": {"text_encoder": 5e-3, "unet": 1.5e-2, "vae_decoder": 6e-3, "vae_encoder": 3e-3},
 }
-WINOGRAD_F4_FACTOR = 10  # F(4x4,3x3) rounds more than direct or F(2x2,3x3) convolution: its fp32 gates widen
+# F(4x4,3x3) rounds more than direct or F(2x2,3x3) convolution: a graph with F4 layers gets wider gates
+WINOGRAD_F4_FACTOR = {"fp32": 10, "fp16": 3}
 LAYER_TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}
 PASSED, FAILED, STATIC = "passed", "failed", "static check only"
 
@@ -192,12 +193,12 @@ def _non_finite(value: Any, where: str, found: list[str]) -> None:
 
 
 def component_gate(artifact: Artifact, precision: str) -> float:
-    """The relative-L2 gate of one artifact: its component's, widened for fp32 graphs with F(4x4,3x3) layers."""
+    """The relative-L2 gate of one artifact: its component's, widened for graphs with F(4x4,3x3) layers."""
     winograd = artifact.details.get("winograd")
     tiles = winograd.get("rewritten") if isinstance(winograd, dict) else None
     tiles = tiles if isinstance(tiles, dict) else {}
-    f4 = precision == "fp32" and any(isinstance(m, int) and m >= 4 for m in tiles.values())
-    return COMPONENT_GATES[precision][artifact.component] * (WINOGRAD_F4_FACTOR if f4 else 1)
+    f4 = any(isinstance(m, int) and m >= 4 for m in tiles.values())
+    return COMPONENT_GATES[precision][artifact.component] * (WINOGRAD_F4_FACTOR[precision] if f4 else 1)
 
 
 def _passes(value: float, bound: float, above: bool = False) -> bool:

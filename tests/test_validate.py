@@ -290,7 +290,7 @@ def test_exported_configs_carry_no_build_paths(tiny, tmp_path):
         assert str(tmp_path) not in p.read_text() and "_name_or_path" not in p.read_text(), p
 
 
-def test_component_gate_widens_only_for_f4_winograd_fp32():
+def test_component_gate_widens_only_for_f4_winograd():
     from pocketdiff.runtimes.harness import COMPONENT_GATES, WINOGRAD_F4_FACTOR, component_gate
 
     def art(precision, details):
@@ -299,7 +299,7 @@ def test_component_gate_widens_only_for_f4_winograd_fp32():
     base = COMPONENT_GATES["fp32"]["vae_decoder"]
     assert component_gate(art("fp32", {"winograd": {"rewritten": {"/a/Conv": 2}}}), "fp32") == base
     assert component_gate(art("fp32", {"winograd": {"rewritten": {"/a/Conv": 2, "/b/Conv": 4}}}), "fp32") \
-        == base * WINOGRAD_F4_FACTOR
+        == base * WINOGRAD_F4_FACTOR["fp32"]
     assert component_gate(art("fp16", {"winograd": {"rewritten": {"/b/Conv": 4}}}), "fp16") \
-        == COMPONENT_GATES["fp16"]["vae_decoder"]
+        == COMPONENT_GATES["fp16"]["vae_decoder"] * WINOGRAD_F4_FACTOR["fp16"]
     assert component_gate(art("fp32", {"winograd": "f4"}), "fp32") == base  # malformed details: no widening
