@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .bundle import Bundle
 from .fileio import atomic_dir, atomic_write_json, hash_json
 from .passes import PassContext, get_pass
@@ -151,16 +151,21 @@ def run_recipe(recipe: Recipe, run_dir: Path, model: str | None = None, config: 
             break
         bundle = result.bundle
         bundle.manifest.passes.append({"pass": stage.name, "settings": stage.settings_dict(), "report": result.report})
-        with atomic_dir(folder) as tmp:
-            bundle.write_into(tmp)
-            for log_file in sorted(ctx.work_dir.glob("*.jsonl")):  # training logs stay with the stage
-                shutil.copy2(log_file, tmp / log_file.name)
-            atomic_write_json(tmp / STAGE_FILE, {"key": key, "pass": stage.name, "settings": stage.settings_dict(),
-                                                 "report": result.report, "seconds": seconds})
-        _remove_work(ctx.work_dir)
+        if distributed.is_main():  # one process writes; the others hold the same Bundle in memory
+            with atomic_dir(folder) as tmp:
+                bundle.write_into(tmp)
+                for log_file in sorted(ctx.work_dir.glob("*.jsonl")):  # training logs stay with the stage
+                    shutil.copy2(log_file, tmp / log_file.name)
+                atomic_write_json(tmp / STAGE_FILE, {"key": key, "pass": stage.name,
+                                                     "settings": stage.settings_dict(),
+                                                     "report": result.report, "seconds": seconds})
+            _remove_work(ctx.work_dir)
+        distributed.barrier()
         results.append(StageResult(i, stage.name, folder.name, key, "ran", seconds, result.report))
         log(f"[{i}/{len(recipe.stages)}] {stage.name}: done in {seconds:.1f} s")
     samples: list[str] = []
+    if not distributed.is_main():
+        return {"finished": finished, "stages": [r.__dict__ for r in results], "samples": samples}
     if finished and recipe.sample is not None:
         final = bundle
         if final is None:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ... import distributed
 from ...bundle import Bundle
 from ...data import TEMPLATES, caption_set, load_fashion_mnist, to_model_images
 from ...errors import ConfigError, DataError
@@ -80,10 +81,12 @@ def load_latent_data(teacher: Bundle, work_dir: Path, device: torch.device, limi
             images, labels_np = images[:limit], labels_np[:limit]
         mean, std = _encode(teacher, np.asarray(images), device)
         labels = torch.as_tensor(labels_np)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        save_file({"mean": mean.contiguous(), "std": std.contiguous(), "labels": labels.contiguous()}, str(tmp))
-        os.replace(tmp, cache)
+        if distributed.is_main():  # every process encoded the same latents; one keeps them
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            save_file({"mean": mean.contiguous(), "std": std.contiguous(), "labels": labels.contiguous()}, str(tmp))
+            os.replace(tmp, cache)
+        distributed.barrier()
     states = text_states(teacher, caption_set(), device)
     scale = float(teacher.vae.config.scaling_factor)
     return LatentData(mean.to(device).float(), std.to(device).float(), labels.to(device), states.to(device), scale)
@@ -100,4 +103,4 @@ def _encode(teacher: Bundle, images: np.ndarray, device: torch.device, batch: in
             post = vae.encode(x).latent_dist
         means.append(post.mean.float().cpu())
         stds.append(post.std.float().cpu())
-    return torch.cat(means), torch.cat(stds)
+    return torch.cat(means).contiguous(), torch.cat(stds).contiguous()

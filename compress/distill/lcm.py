@@ -66,6 +66,7 @@ class LatentConsistencyPass:
         lora_rank: int | None = setting(None, min=1, help="train LoRA adapters of this rank instead")
         data_limit: int | None = setting(None, min=1, help="first N training images only (tests)")
         checkpoint_every: int = setting(500, min=1)
+        log_every: int = setting(50, min=1, help="steps between JSONL log lines")
         compile: Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "off"
         teacher_bf16: bool = setting(True, help="on CUDA, hold the frozen teacher in bf16 (no per-call casts)")
         seed: int = setting(0, min=0)
@@ -126,7 +127,7 @@ def build_lcm(teacher: Bundle, bundle: Bundle, s: LatentConsistencyPass.Settings
     trained = [p for p in student.parameters() if p.requires_grad]
     ema = EMAModel(trained, decay=s.ema_decay, use_ema_warmup=True, power=3 / 4, foreach=dev.type == "cuda")
     spec = LoopSpec("lcm", s.iterations, work_dir, s.seed, s.checkpoint_every, deadline=deadline,
-                    batch_size=s.batch_size)
+                    log_every=s.log_every, batch_size=s.batch_size)
     modules = {"student": student} | ({"target": target} if target is not None else {})
     trainer = Trainer(spec, modules, [OptimizerSpec("student", ["student"], s.lr, s.warmup)],
                       emas={"student": ema}, progress=progress)

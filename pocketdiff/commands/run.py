@@ -22,6 +22,7 @@ def _run(p: argparse.ArgumentParser) -> Handler:
     def run(args: argparse.Namespace) -> None:
         import sys
 
+        from .. import distributed
         from ..devices import resolve_device
         from ..errors import Unfinished
         from ..recipe import load_recipe
@@ -29,10 +30,13 @@ def _run(p: argparse.ArgumentParser) -> Handler:
 
         recipe = load_recipe(args.recipe)
         out = args.out or Path("runs") / Path(recipe.source).stem
-        options = RunOptions(device=resolve_device(args.device), time_limit_s=args.time_limit,
-                             progress=not args.json,
-                             log=(lambda _: None) if args.json else (lambda m: print(m, file=sys.stderr)))
+        options = RunOptions(device=distributed.setup(resolve_device(args.device)), time_limit_s=args.time_limit,
+                             progress=not args.json and distributed.is_main(),
+                             log=(lambda _: None) if args.json or not distributed.is_main()
+                             else (lambda m: print(m, file=sys.stderr)))
         summary = run_recipe(recipe, out, model=args.model, config=args.model_config, options=options)
+        if not distributed.is_main():
+            return
         lines = [f"{s['folder']}: {s['status']} ({s['seconds']} s)" for s in summary["stages"]]
         lines += summary["samples"] + [f"run folder: {out}"]
         emit(args, summary, "\n".join(lines))
