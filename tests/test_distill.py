@@ -193,3 +193,32 @@ def test_foreign_checkpoint_in_the_work_folder_is_a_clear_error_and_touches_noth
     torch.save({"version": 2, "name": "unet", "step": 1, "modules": {}, "optimizers": {}, "emas": {}}, ckpt)
     with pytest.raises(CorruptFileError, match="not a checkpoint of training phase 'lcm'"):
         run_recipe(_recipe(tmp_path), run, options=RunOptions(progress=False))
+
+
+def test_fashion_4step_loads_in_stock_diffusers_and_draws_the_same_images():
+    import diffusers
+
+    from pocketdiff.sampler import SampleConfig, encode_prompts, generate
+    from pocketdiff.sources import load_model
+    from pocketdiff.zoo import builtin_path
+
+    ours = load_model("fashion-4step")
+    cfg = SampleConfig.for_bundle(ours)
+    assert (cfg.scheduler, cfg.steps, cfg.guidance_scale) == ("lcm", 4, 1.0)
+    folder = builtin_path("fashion-4step")
+    unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
+    vae = diffusers.AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32)
+    scheduler = diffusers.LCMScheduler.from_pretrained(folder / "scheduler")
+    # The guidance is folded in (a plain U-Net), so the stock text-to-image pipeline runs it with its
+    # stored LCM scheduler and no CFG; diffusers' LCM pipeline would ask for a guidance input it lacks.
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=ours.text_encoder, tokenizer=ours.tokenizer,
+                                             unet=unet, scheduler=scheduler, safety_checker=None,
+                                             feature_extractor=None, requires_safety_checker=False)
+    prompts = ["a photo of a sneaker", "a photo of a dress"]
+    mine = generate(ours, prompts, SampleConfig(**{**cfg.__dict__, "seed": 11}), progress=False)
+    for i, prompt in enumerate(prompts):
+        states = encode_prompts(ours.tokenizer, ours.text_encoder, [prompt])
+        theirs = pipe(prompt_embeds=states, num_inference_steps=4, guidance_scale=1.0, output_type="pt",
+                      generator=torch.Generator().manual_seed(11 + i)).images
+        assert theirs.shape == mine[i:i + 1].shape
+        assert float((theirs - mine[i:i + 1]).abs().max()) < 1e-4

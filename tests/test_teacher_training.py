@@ -31,7 +31,7 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path, captions):
     assert straight["finished"] and set(straight["final_loss"]) == {"vae", "decoder", "unet"}
     stops = []
     for _ in range(10):  # a zero time limit stops every phase after one step
-        summary = train_teacher(tmp_path / "b", TrainConfig(**SMALL, time_limit_s=0.0), captions_cache=captions,
+        summary = train_teacher(tmp_path / "b", TrainConfig(**SMALL, time_limit=0.0), captions_cache=captions,
                                 device="cpu", data_limit=IMAGES, progress=False)
         if summary["finished"]:
             break

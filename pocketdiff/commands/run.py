@@ -48,6 +48,7 @@ def _run(p: argparse.ArgumentParser) -> Handler:
 
 @command("train", "train the built-in teacher or the prompt-accuracy classifier")
 def _train(p: argparse.ArgumentParser) -> Handler:
+    from ..settings import add_flags, from_flags
     from ..teacher.config import TrainConfig
 
     p.add_argument("what", choices=["teacher", "classifier"])
@@ -57,31 +58,24 @@ def _train(p: argparse.ArgumentParser) -> Handler:
                    help="caption embeddings file (made here if missing; lets a GPU host train without MiniLM)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--data-limit", type=int, default=None, help="train on the first N images only (tests)")
-    defaults = TrainConfig()
-    int_fields = ("seed", "vae_steps", "vae_batch", "decoder_steps", "decoder_batch", "unet_steps", "unet_batch",
-                  "warmup", "checkpoint_every")
-    float_fields = ("vae_kl_weight", "decoder_lr", "decoder_adv_weight", "unet_lr")
-    for kind, fields in ((int, int_fields), (float, float_fields)):
-        for field in fields:
-            p.add_argument("--" + field.replace("_", "-"), type=kind, default=getattr(defaults, field))
+    add_flags(p, TrainConfig)
     p.add_argument("--vae-from", type=path_arg, default=None,
                    help="pipeline folder whose VAE to reuse instead of training one")
     p.add_argument("--unet-from", type=path_arg, default=None,
                    help="pipeline folder whose U-Net to continue training from (fresh optimizer and schedule)")
-    p.add_argument("--time-limit", type=float, default=None, help="seconds per phase before a resumable stop")
 
     def run(args: argparse.Namespace) -> None:
+        cfg = from_flags(TrainConfig, args, where="train")
         if args.what == "teacher":
             from ..teacher.train import train_teacher
 
-            cfg = TrainConfig(**{f: getattr(args, f) for f in int_fields + float_fields}, time_limit_s=args.time_limit)
             result = train_teacher(args.out, cfg, data_root=args.data, captions_cache=args.captions_cache,
                                    device=args.device, data_limit=args.data_limit, progress=not args.json,
                                    vae_from=args.vae_from, unet_from=args.unet_from)
         else:
             from ..metrics.classifier import train_classifier
 
-            result = train_classifier(args.out, data_root=args.data, seed=args.seed, device=args.device,
+            result = train_classifier(args.out, data_root=args.data, seed=cfg.seed, device=args.device,
                                       progress=not args.json)
         text = "\n".join(f"{k}: {v}" for k, v in result.items())
         emit(args, result, text)

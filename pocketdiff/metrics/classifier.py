@@ -7,6 +7,7 @@ class named in their prompt.
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -15,10 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from ..data import load_fashion_mnist, to_model_images
 from ..errors import DataError
+from ..training import LoopSpec, OptimizerSpec, StepContext, Trainer
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "classifier.safetensors"
 
@@ -94,26 +95,25 @@ def train_classifier(out: Path, data_root: Path | None = None, seed: int = 0, de
     y = torch.as_tensor(ytr).repeat(2).to(dev)
     model = FashionClassifier().to(dev)
     steps = epochs * (len(x) // batch)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
-    g = torch.Generator(dev).manual_seed(seed)
+    out = Path(out)
+    work = out.parent / f".{out.name}.train"
+    spec = LoopSpec("classifier", steps, work, seed, checkpoint_every=max(1, steps // 4), log_every=200,
+                    batch_size=batch)
+    trainer = Trainer(spec, {"classifier": model},
+                      [OptimizerSpec("classifier", ["classifier"], lr=2e-3, warmup=steps // 10, weight_decay=5e-4,
+                                     grad_clip=None, final_lr_fraction=0.01)], progress=progress)
     t0 = time.monotonic()
-    model.train()
-    bar = tqdm(range(steps), desc="classifier", disable=not progress)
-    for _ in bar:
-        idx = torch.randint(len(x), (batch,), generator=g, device=dev)
-        xb = x[idx]
-        shift = torch.randint(-2, 3, (2,), generator=g, device=dev).tolist()
-        xb = torch.roll(xb, shifts=shift, dims=(2, 3))
-        loss = F.cross_entropy(model(xb), y[idx], label_smoothing=0.1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    model.eval()
+
+    def step(ctx: StepContext) -> torch.Tensor:
+        idx = torch.randint(len(x), (batch,), generator=ctx.generator, device=dev)
+        shift = torch.randint(-2, 3, (2,), generator=ctx.generator, device=dev).tolist()
+        xb = torch.roll(x[idx], shifts=shift, dims=(2, 3))
+        return F.cross_entropy(model(xb), y[idx], label_smoothing=0.1)
+
+    trainer.fit(step)
+    shutil.rmtree(work, ignore_errors=True)
     acc = prompt_accuracy(model, _as_unit(xte).to(dev), torch.as_tensor(yte))
     acc_rt = prompt_accuracy(model, round_trip(xte).to(dev), torch.as_tensor(yte))
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out))
     return {"test_accuracy": acc, "test_accuracy_round_trip": acc_rt, "epochs": epochs, "seconds": round(time.monotonic() - t0, 1),

@@ -8,9 +8,10 @@ three, two layers per block, cross-attention mid-block) and the frozen all-MiniL
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..settings import setting
 from ..zoo import SD_SCHEDULER
 
 UNET = {
@@ -42,26 +43,26 @@ SCHEDULER = {**SD_SCHEDULER, "prediction_type": "epsilon"}
 @dataclass
 class TrainConfig:
     """Training settings: the defaults train a teacher from scratch; the shipped weights' exact
-    commands (several resumed runs) are in docs/BENCHMARKS.md."""
+    commands (several resumed runs) are in docs/BENCHMARKS.md. `pocketdiff train teacher` takes
+    each field as a flag (`--unet-lr`, ...), checked by `pocketdiff.settings`."""
 
-    seed: int = 0
-    vae_steps: int = 3000
-    vae_batch: int = 256
-    vae_lr: float = 1e-3
-    vae_kl_weight: float = 1e-6
-    decoder_steps: int = 0  # > 0: fine-tune the VAE decoder, encoder frozen (teacher/decoder.py)
-    decoder_batch: int = 256
-    decoder_lr: float = 1e-4
-    decoder_adv_weight: float = 0.1
-    unet_steps: int = 6000
-    unet_batch: int = 512
-    unet_lr: float = 4e-4
-    warmup: int = 300
-    ema_decay: float = 0.9995
-    uncond_prob: float = 0.1
-    checkpoint_every: int = 500
-    time_limit_s: float | None = None  # stop (resumably) after this long per phase
-    extra: dict[str, Any] = field(default_factory=dict)
+    seed: int = setting(0, min=0, help="seed of every phase")
+    vae_steps: int = setting(3000, min=0, help="VAE training steps")
+    vae_batch: int = setting(256, min=1)
+    vae_lr: float = setting(1e-3, min=0.0, min_exclusive=True)
+    vae_kl_weight: float = setting(1e-6, min=0.0)
+    decoder_steps: int = setting(0, min=0, help="> 0: fine-tune the VAE decoder, encoder frozen (teacher/decoder.py)")
+    decoder_batch: int = setting(256, min=1)
+    decoder_lr: float = setting(1e-4, min=0.0, min_exclusive=True)
+    decoder_adv_weight: float = setting(0.1, min=0.0, help="weight of the PatchGAN term (0: none)")
+    unet_steps: int = setting(6000, min=0, help="U-Net training steps")
+    unet_batch: int = setting(512, min=1)
+    unet_lr: float = setting(4e-4, min=0.0, min_exclusive=True)
+    warmup: int = setting(300, min=0, help="linear warm-up steps of each phase")
+    ema_decay: float = setting(0.9995, min=0.0, max=1.0)
+    uncond_prob: float = setting(0.1, min=0.0, max=1.0, help="share of empty captions (for guidance)")
+    checkpoint_every: int = setting(500, min=1)
+    time_limit: float | None = setting(None, min=0.0, help="seconds per phase before a resumable stop")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

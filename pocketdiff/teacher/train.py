@@ -78,7 +78,7 @@ def train_vae(images: torch.Tensor, cfg: TrainConfig, work: Path, device: torch.
         kl = post.kl().mean() / x[0].numel()
         return F.l1_loss(rec, x) + F.mse_loss(rec, x) + cfg.vae_kl_weight * kl
 
-    spec = LoopSpec("vae", cfg.vae_steps, work, cfg.seed, cfg.checkpoint_every, cfg.time_limit_s,
+    spec = LoopSpec("vae", cfg.vae_steps, work, cfg.seed, cfg.checkpoint_every, cfg.time_limit,
                     batch_size=cfg.vae_batch)
     done = run_loop(spec, vae, loss_fn, cfg.vae_lr, cfg.warmup, progress=progress)
     return vae.eval(), done
@@ -154,7 +154,7 @@ def train_unet(mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor, stat
         per = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
         return (per * weight[t]).mean()
 
-    spec = LoopSpec("unet", cfg.unet_steps, work, cfg.seed + 1, cfg.checkpoint_every, cfg.time_limit_s,
+    spec = LoopSpec("unet", cfg.unet_steps, work, cfg.seed + 1, cfg.checkpoint_every, cfg.time_limit,
                     batch_size=cfg.unet_batch)
     done = run_loop(spec, unet, loss_fn, cfg.unet_lr, cfg.warmup, ema=ema, progress=progress)
     ema.copy_to(unet.parameters())
@@ -201,7 +201,7 @@ def train_teacher(out: Path, cfg: TrainConfig, data_root: Path | None = None, ca
         t_dec = time.monotonic()
         summary["before_decoder_finetune"] = vae_diagnostics(vae, images[:1000], mean[:1000], std[:1000], scale)
         done = finetune_decoder(vae, images, mean, std, cfg.decoder_steps, cfg.decoder_batch, cfg.decoder_lr,
-                                cfg.decoder_adv_weight, cfg.seed, work, cfg.warmup, time_limit_s=cfg.time_limit_s,
+                                cfg.decoder_adv_weight, cfg.seed, work, cfg.warmup, time_limit_s=cfg.time_limit,
                                 checkpoint_every=cfg.checkpoint_every, progress=progress)
         summary["decoder_seconds"] = round(time.monotonic() - t_dec, 1)
         if not done:
