@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .bundle import Bundle
 from .errors import ConfigError, ShapeError
+from .guidance import student_condition, takes_guidance
 from .fileio import atomic_write_bytes
 from .schedulers import MAX_STEPS, check_steps, make_scheduler, scheduler_names
 
@@ -51,7 +52,10 @@ def encode_prompts(tokenizer: Any, text_encoder: torch.nn.Module, prompts: list[
 
 
 class TorchComponents:
-    """`Components` computed by the Bundle's own PyTorch modules."""
+    """`Components` computed by the Bundle's own PyTorch modules. A guidance-conditioned student's
+    U-Net is fed `guidance` as its embedded input (`generate` sets it from the guidance scale)."""
+
+    guidance: float = 1.0
 
     def __init__(self, bundle: Bundle, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         if bundle.text_encoder is None or bundle.tokenizer is None:
@@ -63,8 +67,11 @@ class TorchComponents:
 
     @torch.no_grad()
     def predict(self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.bundle.unet(latents.to(self.device, self.dtype), t.to(self.device),
-                                encoder_hidden_states=context.to(self.device, self.dtype)).sample.float()
+        unet = self.bundle.unet
+        extra = student_condition(unet, self.guidance, latents.shape[0], self.device)
+        return unet(latents.to(self.device, self.dtype), t.to(self.device),
+                    encoder_hidden_states=context.to(self.device, self.dtype),
+                    **{k: v.to(self.dtype) for k, v in extra.items()}).sample.float()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -223,7 +230,10 @@ def generate(bundle: Bundle, prompts: list[str], config: SampleConfig | None = N
     scheduler = make_scheduler(config.scheduler, bundle.scheduler.config)
     check_steps(config.steps, scheduler, config.scheduler)
     components = components or TorchComponents(bundle)
-    guided = config.guidance_scale > 1.0
+    embeds = takes_guidance(bundle.unet)  # guidance is the student's input: one call per step, no CFG
+    if embeds:
+        components.guidance = config.guidance_scale
+    guided = config.guidance_scale > 1.0 and not embeds
     out = []
     bar = tqdm(total=len(prompts), desc=f"{config.scheduler} x{config.steps}", unit="img", disable=not progress)
     for start in range(0, len(prompts), config.batch_size):
