@@ -96,7 +96,8 @@ def _validate(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("artifacts", type=path_arg, help="a folder written by `pocketdiff export`")
     p.add_argument("--targets", type=_csv, default=None, help="only these targets (default: all in the folder)")
     p.add_argument("--model", default=None, help="reference model (default: the one recorded at export)")
-    p.add_argument("--steps", type=sample_value("steps", int), default=8)
+    p.add_argument("--steps", type=sample_value("steps", int), default=None,
+                   help="sampling steps (default: the model's own, else 8)")
     p.add_argument("--seed", type=sample_value("seed", int), default=0)
     p.add_argument("--report", type=path_arg, default=None, help="also write the JSON report here")
 

@@ -20,7 +20,6 @@ runs), so bad input fails in seconds.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -42,6 +41,7 @@ from .sources import load_model
 WORK = ".work"
 
 STAGE_FILE = "stage.json"
+RUN_FILE = "run.json"  # written when work starts (marks the folder as a run) and again at the end
 
 
 @dataclass
@@ -122,6 +122,8 @@ def run_recipe(recipe: Recipe, run_dir: Path, model: str | None = None, config: 
         first = todo[0]
         first_input = source if first == 0 else Bundle.load(stage_folder(run_dir, first, recipe.stages[first - 1]))
         get_pass(recipe.stages[first].name).check(first_input, recipe.stages[first].settings, contexts[first])
+    if distributed.is_main() and not (run_dir / RUN_FILE).is_file():
+        atomic_write_json(run_dir / RUN_FILE, {"recipe": recipe.source, "model": spec, "finished": False, "stages": []})
     bundle = source
     results: list[StageResult] = []
     finished = True
@@ -174,7 +176,7 @@ def run_recipe(recipe: Recipe, run_dir: Path, model: str | None = None, config: 
         samples = _sample(final, recipe.sample, run_dir / "samples")
     summary = {"recipe": recipe.source, "model": spec, "teacher": teacher_spec, "run_dir": str(run_dir),
                "finished": finished, "stages": [r.__dict__ for r in results], "samples": samples}
-    atomic_write_json(run_dir / "run.json", summary)
+    atomic_write_json(run_dir / RUN_FILE, summary)
     return summary
 
 
@@ -197,19 +199,12 @@ def _text_states_components(bundle: Bundle) -> Any:
 
 def _sample(bundle: Bundle, settings: SampleSettings, out: Path) -> list[str]:
     """Sample the final Bundle with the recipe's [sample] settings (the Bundle's own where unset) into `out`."""
-    from .sampler import SampleConfig, generate, to_pil
+    from .sampler import SampleConfig, generate, save_pngs
 
     bundle.to("cpu", torch.float32)  # the reference sampler runs in fp32 on the host
     cfg = SampleConfig.for_bundle(bundle, steps=settings.steps, scheduler=settings.scheduler,
                                   guidance_scale=settings.guidance_scale, negative_prompt=settings.negative_prompt,
                                   seed=settings.seed)
     images = generate(bundle, settings.prompts, cfg, components=_text_states_components(bundle), progress=True)
-    names = []
     with atomic_dir(out) as tmp:
-        for i, img in enumerate(to_pil(images)):
-            buf = io.BytesIO()
-            img.save(buf, format="PNG")
-            name = f"{i:04d}_seed{cfg.seed + i}.png"
-            (tmp / name).write_bytes(buf.getvalue())
-            names.append(str(out / name))
-    return names
+        return [str(out / name) for name in save_pngs(images, tmp, cfg.seed)]

@@ -44,14 +44,18 @@ PASSED, FAILED, STATIC = "passed", "failed", "static check only"
 
 @dataclass
 class ValidateConfig:
-    """The fixed prompts, seed and sampler settings every validation uses."""
+    """The fixed prompts and seed every validation uses; sampler settings left None come from the
+    model (a distilled student validates at its own scheduler, steps and guidance), else `FALLBACK`."""
 
     prompts: tuple[str, ...] = ("a photo of a sneaker", "a dress, product shot")
     seed: int = 0
-    steps: int = 8
-    scheduler: str = "ddim"
-    guidance_scale: float = 4.0
+    steps: int | None = None
+    scheduler: str | None = None
+    guidance_scale: float | None = None
     resolution: int | None = None
+
+
+FALLBACK = {"steps": 8, "scheduler": "ddim", "guidance_scale": 4.0}
 
 
 class ArtifactComponents:
@@ -163,13 +167,14 @@ def validate(folder: Path, bundle: Bundle | None = None, targets: list[str] | No
         raise ConfigError(f"the reference model {aset.model!r} is not the one {folder} was exported from (weights "
                           f"hash {now[:12]}, exported from {aset.model_hash[:12]}); pass the exported weights "
                           "with --model, or re-export")
-    sample_cfg = SampleConfig(steps=config.steps, scheduler=config.scheduler, guidance_scale=config.guidance_scale,
-                              seed=config.seed, height=config.resolution, width=config.resolution, batch_size=1)
+    sample_cfg = SampleConfig.for_bundle(bundle, fallback=FALLBACK, steps=config.steps, scheduler=config.scheduler,
+                                         guidance_scale=config.guidance_scale, seed=config.seed,
+                                         height=config.resolution, width=config.resolution, batch_size=1)
     reference = generate(bundle, list(config.prompts), sample_cfg, TorchComponents(bundle), progress=progress)
     reports = [_validate_target(folder, aset, bundle, t, sessions[t], sample_cfg, reference, config, progress)
                for t in targets]
     report = {"folder": str(folder), "model": aset.model, "prompts": list(config.prompts), "seed": config.seed,
-              "steps": config.steps, "scheduler": config.scheduler, "guidance_scale": config.guidance_scale,
+              "steps": sample_cfg.steps, "scheduler": sample_cfg.scheduler, "guidance_scale": sample_cfg.guidance_scale,
               "targets": [asdict(r) for r in reports],
               "passed": all(r.status == PASSED for r in reports),
               "failed": [r.target for r in reports if r.status == FAILED]}

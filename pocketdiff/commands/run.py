@@ -18,6 +18,7 @@ def _run(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--time-limit", type=float, default=None,
                    help="seconds after which a training stage stops resumably (exit 75: run again to resume)")
+    p.add_argument("--overwrite", action="store_true", help="reuse an --out folder that is not a pocketdiff run")
 
     def run(args: argparse.Namespace) -> None:
         import sys
@@ -25,11 +26,13 @@ def _run(p: argparse.ArgumentParser) -> Handler:
         from .. import distributed
         from ..devices import resolve_device
         from ..errors import Unfinished
+        from ..fileio import prepare_output_dir
         from ..recipe import load_recipe
-        from ..runner import RunOptions, run_recipe
+        from ..runner import RUN_FILE, RunOptions, run_recipe
 
         recipe = load_recipe(args.recipe)
-        out = args.out or Path("runs") / Path(recipe.source).stem
+        out = prepare_output_dir(args.out or Path("runs") / Path(recipe.source).stem, RUN_FILE,
+                                 overwrite=args.overwrite)
         options = RunOptions(device=distributed.setup(resolve_device(args.device)), time_limit_s=args.time_limit,
                              progress=not args.json and distributed.is_main(),
                              log=(lambda _: None) if args.json or not distributed.is_main()
@@ -63,9 +66,17 @@ def _train(p: argparse.ArgumentParser) -> Handler:
                    help="pipeline folder whose VAE to reuse instead of training one")
     p.add_argument("--unet-from", type=path_arg, default=None,
                    help="pipeline folder whose U-Net to continue training from (fresh optimizer and schedule)")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out folder that is not a pocketdiff model")
 
     def run(args: argparse.Namespace) -> None:
+        from ..bundle import MANIFEST
+        from ..fileio import prepare_output_dir, prepare_output_file
+
         cfg = from_flags(TrainConfig, args, where="train")
+        if args.what == "teacher":
+            args.out = prepare_output_dir(args.out, MANIFEST, overwrite=args.overwrite)
+        else:
+            args.out = prepare_output_file(args.out, "--out")
         if args.what == "teacher":
             from ..teacher.train import train_teacher
 
