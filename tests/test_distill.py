@@ -222,3 +222,15 @@ def test_fashion_4step_loads_in_stock_diffusers_and_draws_the_same_images():
                       generator=torch.Generator().manual_seed(11 + i)).images
         assert theirs.shape == mine[i:i + 1].shape
         assert float((theirs - mine[i:i + 1]).abs().max()) < 1e-4
+
+
+def test_lcm_lora_trains_adapters_and_fuses_them_into_a_plain_unet(tmp_path):
+    run = tmp_path / "r"
+    run_recipe(_recipe(tmp_path, iterations=2, lr=1e-3, extra="lora_rank = 4"), run, options=RunOptions(progress=False))
+    fused = _unet(run)
+    assert not [k for k in fused if "lora" in k]
+    init = _unet_of_teacher_shape(fused)
+    moved = {k for k in fused if not torch.equal(fused[k], init[k])}
+    assert "time_embedding.cond_proj.weight" in moved
+    assert any(k.endswith("attn1.to_q.weight") for k in moved)  # an adapted layer, merged into its base weight
+    assert not any(k.endswith("norm1.weight") for k in moved)  # layers without adapters are frozen

@@ -1,5 +1,6 @@
 """`run`: stages written atomically, unchanged stages reused, an interrupted run resumable."""
 
+import json
 from dataclasses import dataclass
 
 import pytest
@@ -8,7 +9,7 @@ from safetensors import safe_open
 from pocketdiff.bundle import Bundle
 from pocketdiff.passes import register_pass
 from pocketdiff.recipe import load_recipe
-from pocketdiff.runner import STAGE_FILE, run_recipe
+from pocketdiff.runner import RUN_FILE, STAGE_FILE, run_recipe
 
 RECIPE = """
 model = "arch:tiny"
@@ -72,8 +73,9 @@ def test_interrupted_stage_leaves_finished_stages_and_nothing_half_written(tmp_p
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         run_recipe(_recipe(tmp_path, second="test-interrupt", setting=""), run)
-    assert sorted(p.name for p in run.iterdir()) == ["01-scheduler"]
+    assert sorted(p.name for p in run.iterdir()) == ["01-scheduler", RUN_FILE]  # run.json: marked as a run
     assert (run / "01-scheduler" / STAGE_FILE).is_file()
+    assert json.loads((run / RUN_FILE).read_text())["finished"] is False
     resumed = run_recipe(_recipe(tmp_path), run)
     assert _statuses(resumed) == ["reused", "ran"]
 

@@ -1,6 +1,7 @@
 """Teacher training on CPU at a few steps: resuming gives the same weights as never stopping, and
 the decoder fine-tune moves the decoder only."""
 
+import json
 import subprocess
 import sys
 
@@ -59,5 +60,6 @@ def test_train_cli_bad_data_folder_is_one_line_exit_2(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pocketdiff", "train", "teacher", "--out", str(tmp_path / "t"),
                           "--data", str(tmp_path / "missing"), "--json"], capture_output=True, text=True)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1 and out.stdout == ""
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert json.loads(out.stdout)["error"]["exit_code"] == 2  # --json: the failure is JSON on stdout too
     assert not (tmp_path / "t").exists() and not (tmp_path / ".t.train").exists()
