@@ -234,3 +234,55 @@ def test_lcm_lora_trains_adapters_and_fuses_them_into_a_plain_unet(tmp_path):
     assert "time_embedding.cond_proj.weight" in moved
     assert any(k.endswith("attn1.to_q.weight") for k in moved)  # an adapted layer, merged into its base weight
     assert not any(k.endswith("norm1.weight") for k in moved)  # layers without adapters are frozen
+
+
+PROGRESSIVE = """
+model = "arch:tiny"
+[[pass]]
+name = "guided-distill"
+iterations = {iterations}
+batch_size = 4
+data_limit = 16
+warmup = 1
+checkpoint_every = 2
+sample_steps = 4
+[[pass]]
+name = "progressive"
+iterations = {iterations}
+batch_size = 4
+data_limit = 16
+warmup = 1
+checkpoint_every = 2
+"""
+
+
+def test_progressive_rounds_halve_the_steps_and_resume_to_the_same_weights(tmp_path):
+    from pocketdiff.bundle import Bundle
+    from pocketdiff.sampler import SampleConfig, generate
+
+    recipe = tmp_path / "p.toml"
+    recipe.write_text(PROGRESSIVE.format(iterations=3))
+    straight = run_recipe(load_recipe(recipe), tmp_path / "a", options=RunOptions(progress=False))
+    assert [s["status"] for s in straight["stages"]] == ["ran", "ran"]
+    stops = 0
+    while not run_recipe(load_recipe(recipe), tmp_path / "b", options=RunOptions(time_limit_s=0.0,
+                                                                                 progress=False))["finished"]:
+        stops += 1
+    assert stops == 4  # one step per call; the call that finishes stage 1 also starts stage 2
+    assert _same(_unet(tmp_path / "a", "02-progressive"), _unet(tmp_path / "b", "02-progressive"))
+    student = Bundle.load(tmp_path / "a" / "02-progressive")
+    cfg = SampleConfig.for_bundle(student)
+    assert (cfg.scheduler, cfg.steps) == ("ddim", 2) and student.scheduler.config.timestep_spacing == "trailing"
+    calls = []
+    student.unet.register_forward_hook(lambda m, a, k, o: calls.append(int(a[1][0])), with_kwargs=True)
+    generate(student, ["a photo of a bag"], cfg, progress=False)
+    assert calls == [999, 499]  # one call per step on the trailing grid the round trained on
+
+
+def test_progressive_refuses_a_model_it_cannot_halve(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('model = "arch:tiny"\n[[pass]]\nname = "progressive"\n')
+    with pytest.raises(ConfigError, match="guidance-conditioned model"):
+        run_recipe(load_recipe(bad), tmp_path / "r", options=RunOptions(progress=False))
+    assert not (tmp_path / "r").exists()
+

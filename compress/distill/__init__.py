@@ -1,6 +1,7 @@
 """Step distillation: students that sample in 1–8 steps, trained from a teacher on the shared loop.
 
-`lcm` (latent consistency, optionally LoRA), `progressive` (guided two-stage progressive
-distillation), `cfg-aware` (SnapFusion's CFG-aware step distillation) and `fold-guidance` are
-registered passes; `schedule`, `student`, `data` and `checks` are what they share.
+Registered passes: `lcm` (latent consistency, optionally LoRA), `fold-guidance` (bakes an embedded
+guidance into a plain U-Net), `guided-distill` and `progressive` (guided two-stage progressive
+distillation, one stage per halving round). `schedule`, `student`, `data`, `checks` and `speed` are
+what they share.
 """

@@ -24,7 +24,8 @@ from ..errors import ConfigError, RecipeError
 from ..registry import Registry
 from ..settings import parse
 
-BUILTIN_MODULES = ("pocketdiff.passes.basic", "pocketdiff.compress.distill.lcm", "pocketdiff.compress.distill.fold")
+BUILTIN_MODULES = ("pocketdiff.passes.basic", "pocketdiff.compress.distill.lcm", "pocketdiff.compress.distill.fold",
+                   "pocketdiff.compress.distill.progressive")
 
 
 @dataclass
