@@ -19,6 +19,7 @@ a plain U-Net of the teacher's config for export. `lora_rank` trains LoRA adapte
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,8 +186,6 @@ def _student_bundle(bundle: Bundle, unet: diffusers.UNet2DConditionModel, s: Lat
 
 
 def _last_loss(work: Path) -> float | None:
-    import json
-
     log = work / "lcm_log.jsonl"
     lines = log.read_text().strip().splitlines() if log.is_file() else []
     return json.loads(lines[-1]).get("loss") if lines else None
