@@ -286,3 +286,51 @@ def test_progressive_refuses_a_model_it_cannot_halve(tmp_path):
         run_recipe(load_recipe(bad), tmp_path / "r", options=RunOptions(progress=False))
     assert not (tmp_path / "r").exists()
 
+
+
+CFG_AWARE = """
+model = "arch:tiny"
+[[pass]]
+name = "cfg-aware"
+iterations = {iterations}
+batch_size = 4
+data_limit = 16
+warmup = 1
+checkpoint_every = 2
+sample_steps = 2
+cfg_probability = 0.5
+log_every = 1
+"""
+
+
+def test_cfg_aware_student_keeps_cfg_resumes_and_mixes_both_losses(tmp_path):
+    from pocketdiff.bundle import Bundle
+    from pocketdiff.sampler import SampleConfig, generate
+
+    recipe = tmp_path / "c.toml"
+    recipe.write_text(CFG_AWARE.format(iterations=6))
+    run_recipe(load_recipe(recipe), tmp_path / "a", options=RunOptions(progress=False))
+    while not run_recipe(load_recipe(recipe), tmp_path / "b", options=RunOptions(time_limit_s=0.0,
+                                                                                 progress=False))["finished"]:
+        pass
+    assert _same(_unet(tmp_path / "a", "01-cfg-aware"), _unet(tmp_path / "b", "01-cfg-aware"))
+    log = [json.loads(line) for line in (tmp_path / "a" / "01-cfg-aware" / "cfg-aware_log.jsonl").read_text().splitlines()]
+    assert {r["cfg"] for r in log} == {0.0, 1.0}  # p = 0.5 over 6 seeded steps drew both losses
+    student = Bundle.load(tmp_path / "a" / "01-cfg-aware")
+    assert student.unet.config.time_cond_proj_dim is None
+    cfg = SampleConfig.for_bundle(student)
+    assert (cfg.scheduler, cfg.steps, cfg.guidance_scale) == ("ddim", 2, 4.0)
+    calls = []
+    student.unet.register_forward_hook(lambda m, a, k, o: calls.append(a[0].shape[0]), with_kwargs=True)
+    generate(student, ["a photo of a bag"], cfg, progress=False)
+    assert calls == [2, 2]  # two steps, each a CFG pair: negative prompts still work
+
+
+def test_cfg_aware_refuses_a_guidance_conditioned_student(tmp_path):
+    run_recipe(_recipe(tmp_path, iterations=1), tmp_path / "s", options=RunOptions(progress=False))
+    bad = tmp_path / "bad.toml"
+    bad.write_text(CFG_AWARE.format(iterations=1).replace('model = "arch:tiny"',
+                                                          f'model = "{tmp_path / "s" / "01-lcm"}"\nteacher = "arch:tiny"'))
+    with pytest.raises(ConfigError, match="ordinary CFG"):
+        run_recipe(load_recipe(bad), tmp_path / "r", options=RunOptions(progress=False))
+    assert not (tmp_path / "r").exists()

@@ -67,6 +67,22 @@ def _alpha_sigma(sched: NoiseSchedule, t: torch.Tensor, final: float) -> tuple[t
     return bar.sqrt().view(-1, 1, 1, 1), (1 - bar).sqrt().view(-1, 1, 1, 1)
 
 
+def two_step_target(predict, sched: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, stride: int,
+                    final: float) -> torch.Tensor:
+    """The x0 for which one DDIM step of `stride` from x_t lands where two half steps of `predict`
+    ((x, t) -> (x0, eps), the teacher) land: the regression target of step distillation."""
+    t_mid, t_end = t - stride // 2, t - stride
+    a_m, s_m = _alpha_sigma(sched, t_mid, final)
+    x0, eps = predict(x_t, t)
+    x_mid = a_m * x0 + s_m * eps
+    a_e, s_e = _alpha_sigma(sched, t_end, final)
+    x0, eps = predict(x_mid, t_mid.clamp(min=0))
+    x_end = a_e * x0 + s_e * eps
+    a_t, s_t = sched.at(t)
+    ratio = s_e / s_t
+    return (x_end - ratio * x_t) / (a_e - ratio * a_t)
+
+
 def _train(name: str, student: diffusers.UNet2DConditionModel, data, sched, s: _Common, ctx: PassContext,
            target_fn) -> tuple[Trainer, bool, EMAModel]:
     """The shared loop: sample (z0, caption, w, t), ask `target_fn` for the x0 target, regress the student."""
@@ -182,21 +198,10 @@ class ProgressivePass:
                                     timestep_cond=guidance_embedding(w - 1.0, dim)).sample.float()
             return sched.x0_eps(out, x, t)
 
-        def ddim(x0, eps, t_next):
-            a, sg = _alpha_sigma(sched, t_next, final)
-            return a * x0 + sg * eps
-
         def target(z0, noise, cond, uncond, w, u):
-            i = (u * steps).long().clamp(max=steps - 1)
-            t = starts[i]
-            t_mid, t_end = t - stride // 2, t - stride  # two teacher steps inside one student step
+            t = starts[(u * steps).long().clamp(max=steps - 1)]
             x_t = sched.add_noise(z0, noise, t)
-            x_mid = ddim(*teacher_x0(x_t, t, cond, w), t_mid)
-            x_end = ddim(*teacher_x0(x_mid, t_mid.clamp(min=0), cond, w), t_end)
-            a_t, s_t = sched.at(t)
-            a_e, s_e = _alpha_sigma(sched, t_end, final)
-            ratio = s_e / s_t  # the x0 for which one DDIM step from x_t lands on x_end
-            return t, x_t, (x_end - ratio * x_t) / (a_e - ratio * a_t)
+            return t, x_t, two_step_target(lambda x, tt: teacher_x0(x, tt, cond, w), sched, x_t, t, stride, final)
 
         trainer, finished, ema = _train("progressive", student, data, sched, s, ctx, target)
         if not finished:
