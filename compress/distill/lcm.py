@@ -31,16 +31,16 @@ from diffusers.training_utils import EMAModel
 
 from ...bundle import Bundle
 from ...errors import ConfigError
+from ...guidance import guidance_embedding
 from ...passes import PassContext, PassResult, register_pass
 from ...schedulers import make_scheduler
 from ...settings import setting
 from ...training import LoopSpec, OptimizerSpec, StepContext, Trainer, autocast
 from .checks import check_student, check_teacher
 from .data import load_latent_data
-from ...guidance import guidance_embedding
 from .schedule import DDIMSolver, NoiseSchedule, boundary_scalings, pseudo_huber
-from .student import copy_unet, ema_update, with_guidance_input
 from .speed import prepare_for_speed
+from .student import copy_unet, ema_update, with_guidance_input
 
 
 @register_pass
