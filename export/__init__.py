@@ -1,1 +1,1 @@
-"""pocketdiff.export: mapped here by pyproject.toml; no modules yet (see the open issues)."""
+"""pocketdiff.export: one module per backend (onnx, coreml, executorch) over `base`, with the graph rewrites as leaves in `rewrites/` (mapped here by pyproject.toml)."""

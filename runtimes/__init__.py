@@ -1,1 +1,1 @@
-"""pocketdiff.runtimes: mapped here by pyproject.toml; no modules yet (see the open issues)."""
+"""pocketdiff.runtimes: adapters that run exported artifacts in their real runtimes, the validation harness and the latency profiler (mapped here by pyproject.toml)."""
