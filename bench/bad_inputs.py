@@ -86,6 +86,20 @@ INFO = ["info", "arch:tiny"]
 VALIDATE = ["validate", "art"]
 
 
+TINY_LCM = 'model = "arch:tiny"\n[[pass]]\nname = "lcm"\niterations = 2\nbatch_size = 4\ndata_limit = 16\n'
+RUN = ["run", "r.toml", "--out", "r", "--device", "cpu"]
+TRAIN = ["train", "teacher", "--out", "t", "--device", "cpu", "--data-limit", "8"]
+
+
+def recipe(text: str, then: Callable[[Path], None] | None = None) -> Callable[[Path], None]:
+    """Setup: the recipe file r.toml holding `text` (and whatever `then` makes)."""
+    def make(d: Path) -> None:
+        (d / "r.toml").write_text(text)
+        if then:
+            then(d)
+    return make
+
+
 def _values(base: list[str], flag: str, values: list[str], expect: int = 2) -> list[Case]:
     return [Case(f"{base[0]} {flag} {v}", [*base, flag, v], expect) for v in values]
 
@@ -173,7 +187,47 @@ CASES: list[Case] = [
     Case("SIGINT while sampling", [*GEN, "--steps", "1000"], 130, interrupt=(signal.SIGINT, "ddim x1000")),
     Case("SIGINT during imports", INFO, 130, interrupt=(signal.SIGINT, None)),
     Case("SIGTERM during imports", GEN, 143, interrupt=(signal.SIGTERM, None)),
+    Case("run missing recipe", ["run", "nope.toml", "--out", "r"]),
+    Case("run recipe not TOML", RUN, setup=recipe("model = [")),
+    Case("run unknown pass", RUN, setup=recipe('[[pass]]\nname = "sharpen"\n')),
+    Case("run pass is a string", RUN, setup=recipe('pass = "x"\n')),
+    Case("run model is a number", RUN, setup=recipe("model = 5\n")),
+    Case("run [sample] is a number", RUN, setup=recipe("sample = 5\n")),
+    Case("run [sample] prompts a string", RUN, setup=recipe('[sample]\nprompts = "abc"\n')),
+    Case("run [sample] guidance nan", RUN, setup=recipe("[sample]\nguidance_scale = nan\n")),
+    Case("run lcm negative guidance", RUN, setup=recipe(TINY_LCM + "guidance_min = -1.0\n")),
+    Case("run lcm guidance range upside down", RUN, setup=recipe(TINY_LCM + "guidance_min = 7.0\nguidance_max = 3.0\n")),
+    Case("run lcm more steps than its solver", RUN, setup=recipe(TINY_LCM + "ddim_timesteps = 5\nsample_steps = 8\n")),
+    Case("run lcm unknown setting", RUN, setup=recipe(TINY_LCM + "lerning_rate = 1.0\n")),
+    Case("run lcm iterations as text", RUN, setup=recipe(TINY_LCM.replace("iterations = 2", 'iterations = "2"'))),
+    Case("run fold-guidance on a plain U-Net", RUN, setup=recipe('model = "arch:tiny"\n[[pass]]\nname = "fold-guidance"\n')),
+    Case("run progressive on a plain U-Net", RUN, setup=recipe('model = "arch:tiny"\n[[pass]]\nname = "progressive"\n')),
+    Case("run lcm from an lcm student", RUN, setup=recipe(TINY_LCM.replace('model = "arch:tiny"', 'model = "s"'),
+                                                           lambda d: _student_folder(d / "s"))),
+    Case("run --out a file", RUN, setup=recipe(TINY_LCM, user_file("r"))),
+    Case("run --out foreign folder", RUN, setup=recipe(TINY_LCM, canary_folder("r"))),
+    Case("run --out .", ["run", "r.toml", "--out", "."], setup=recipe(TINY_LCM)),
+    Case("run --device bogus", [*RUN, "--device", "tpu9"], setup=recipe(TINY_LCM)),
+    Case("run --device cuda without a GPU", [*RUN, "--device", "cuda"], setup=recipe(TINY_LCM)),
+    Case("run --time-limit text", [*RUN, "--time-limit", "soon"], setup=recipe(TINY_LCM)),
+    Case("train teacher --out a file", TRAIN, setup=user_file("t")),
+    Case("train teacher --out foreign folder", TRAIN, setup=canary_folder("t")),
+    Case("train teacher --unet-lr negative", [*TRAIN, "--unet-lr", "-1"]),
+    Case("train teacher --vae-steps text", [*TRAIN, "--vae-steps", "many"]),
+    Case("train teacher --uncond-prob above 1", [*TRAIN, "--uncond-prob", "1.5"]),
+    Case("train teacher missing data", [*TRAIN, "--data", "nowhere"]),
+    Case("train classifier --out a folder", ["train", "classifier", "--out", "c"], setup=canary_folder("c")),
 ]
+
+
+def _student_folder(path: Path) -> None:
+    """A guidance-conditioned tiny U-Net saved as a pipeline folder (an lcm stage's output shape)."""
+    from pocketdiff.compress.distill.student import with_guidance_input
+    from pocketdiff.zoo import build_arch
+
+    bundle = build_arch("tiny")
+    bundle.unet = with_guidance_input(bundle.unet)
+    bundle.save(path)
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
