@@ -25,7 +25,7 @@ from ...settings import setting
 from ...training import LoopSpec, OptimizerSpec, StepContext, Trainer, autocast
 from .checks import check_student, check_teacher
 from .data import load_latent_data
-from .progressive import _Common, _ddim_student, trailing_ddim, two_step_target
+from .progressive import DistillSettings, ddim_student, guided_x0_eps, trailing_ddim, two_step_target
 from .schedule import NoiseSchedule
 from .student import copy_unet
 
@@ -37,7 +37,7 @@ class CFGAwarePass:
     name = "cfg-aware"
 
     @dataclass
-    class Settings(_Common):
+    class Settings(DistillSettings):
         sample_steps: int = setting(8, min=1, max=500, help="DDIM steps (trailing grid) of the student")
         cfg_probability: float = setting(0.1, min=0.0, max=1.0, help="share of steps on the CFG loss")
         denoising_weight: float = setting(1.0, min=0.0, help="weight of the plain noise-prediction loss")
@@ -68,14 +68,11 @@ class CFGAwarePass:
 
         def predict(unet, x, t, cond, uncond, w):
             """(x0, eps) of `unet`, guided with w when w is given (conditional only otherwise)."""
-            if w is None:
-                with autocast(dev):
-                    out = unet(x, t, encoder_hidden_states=cond).sample.float()
-                return sched.x0_eps(out, x, t)
+            if w is not None:
+                return guided_x0_eps(unet, sched, x, t, cond, uncond, w, dev)
             with autocast(dev):
-                both = unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([cond, uncond])).sample
-            out_c, out_u = both.float().chunk(2)
-            return sched.x0_eps(out_u + w.view(-1, 1, 1, 1) * (out_c - out_u), x, t)
+                out = unet(x, t, encoder_hidden_states=cond).sample.float()
+            return sched.x0_eps(out, x, t)
 
         def step(c: StepContext) -> None:
             g = c.generator
@@ -100,6 +97,6 @@ class CFGAwarePass:
         if not trainer.fit(step):
             return PassResult(None, {"steps_done": trainer.step}, finished=False)
         ema.copy_to(student.parameters())
-        bundle = _ddim_student(bundle, student, s.sample_steps, s.guidance)
+        bundle = ddim_student(bundle, student, s.sample_steps, s.guidance)
         return PassResult(bundle, {"steps": s.iterations, "batch_size": s.batch_size, "sample_steps": s.sample_steps,
                                    "cfg_probability": s.cfg_probability})

@@ -33,7 +33,7 @@ from .student import copy_unet, with_guidance_input
 
 
 @dataclass
-class _Common:
+class DistillSettings:
     """Settings both stages share."""
 
     iterations: int = setting(1000, min=1, help="training steps")
@@ -83,7 +83,7 @@ def two_step_target(predict, sched: NoiseSchedule, x_t: torch.Tensor, t: torch.T
     return (x_end - ratio * x_t) / (a_e - ratio * a_t)
 
 
-def _train(name: str, student: diffusers.UNet2DConditionModel, data, sched, s: _Common, ctx: PassContext,
+def _train(name: str, student: diffusers.UNet2DConditionModel, data, sched, s: DistillSettings, ctx: PassContext,
            target_fn) -> tuple[Trainer, bool, EMAModel]:
     """The shared loop: sample (z0, caption, w, t), ask `target_fn` for the x0 target, regress the student."""
     dev = ctx.device
@@ -116,9 +116,10 @@ def _train(name: str, student: diffusers.UNet2DConditionModel, data, sched, s: _
     return trainer, finished, ema
 
 
-def _guided_x0(unet: torch.nn.Module, sched: NoiseSchedule, x_t, t, cond, uncond, w, dev) -> tuple:
-    """(x0, eps) of the classifier-free guided prediction of a plain U-Net (two calls in one batch)."""
-    with torch.no_grad(), autocast(dev):
+def guided_x0_eps(unet: torch.nn.Module, sched: NoiseSchedule, x_t, t, cond, uncond, w, dev) -> tuple:
+    """(x0, eps) of the classifier-free guided prediction of a plain U-Net (two calls in one batch); the
+    caller decides whether gradients flow (a frozen teacher under no_grad, a CFG-aware student not)."""
+    with autocast(dev):
         both = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=torch.cat([cond, uncond])).sample
     x0_c, eps_c = sched.x0_eps(both[:len(t)].float(), x_t, t)
     x0_u, eps_u = sched.x0_eps(both[len(t):].float(), x_t, t)
@@ -133,7 +134,7 @@ class GuidedDistillPass:
     name = "guided-distill"
 
     @dataclass
-    class Settings(_Common):
+    class Settings(DistillSettings):
         sample_steps: int = setting(16, min=1, max=1000, help="DDIM steps (trailing grid) it is sampled with")
 
     def check(self, bundle: Bundle, s: Settings, ctx: PassContext) -> None:
@@ -150,13 +151,14 @@ class GuidedDistillPass:
         def target(z0, noise, cond, uncond, w, u):
             t = (u * sched.steps).long().clamp(max=sched.steps - 1)
             x_t = sched.add_noise(z0, noise, t)
-            return t, x_t, _guided_x0(teacher_unet, sched, x_t, t, cond, uncond, w, dev)[0]
+            with torch.no_grad():
+                return t, x_t, guided_x0_eps(teacher_unet, sched, x_t, t, cond, uncond, w, dev)[0]
 
         trainer, finished, ema = _train("guided-distill", student, data, sched, s, ctx, target)
         if not finished:
             return PassResult(None, {"steps_done": trainer.step}, finished=False)
         ema.copy_to(student.parameters())
-        return PassResult(_ddim_student(bundle, student, s.sample_steps, s.guidance),
+        return PassResult(ddim_student(bundle, student, s.sample_steps, s.guidance),
                           {"steps": s.iterations, "batch_size": s.batch_size})
 
 
@@ -167,7 +169,7 @@ class ProgressivePass:
     name = "progressive"
 
     @dataclass
-    class Settings(_Common):
+    class Settings(DistillSettings):
         pass
 
     def check(self, bundle: Bundle, s: Settings, ctx: PassContext) -> None:
@@ -207,12 +209,12 @@ class ProgressivePass:
         if not finished:
             return PassResult(None, {"steps_done": trainer.step}, finished=False)
         ema.copy_to(student.parameters())
-        return PassResult(_ddim_student(bundle, student, steps, s.guidance),
+        return PassResult(ddim_student(bundle, student, steps, s.guidance),
                           {"steps": s.iterations, "batch_size": s.batch_size, "from_steps": teacher_steps,
                            "to_steps": steps})
 
 
-def _ddim_student(bundle: Bundle, unet: diffusers.UNet2DConditionModel, steps: int, guidance: float) -> Bundle:
+def ddim_student(bundle: Bundle, unet: diffusers.UNet2DConditionModel, steps: int, guidance: float) -> Bundle:
     """The Bundle with the student, DDIM on the trailing grid, and its step count and guidance."""
     bundle.unet = unet.cpu().eval().requires_grad_(False)
     bundle.scheduler = diffusers.DDIMScheduler.from_config(bundle.scheduler.config, timestep_spacing="trailing")
