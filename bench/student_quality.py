@@ -7,8 +7,10 @@ PSNR / SSIM of each student's first `--agree` images against the teacher's best 
 and seeds), and the negative-prompt effect on confusable class pairs: how much naming class B as
 the negative prompt lowers the classifier's probability of B when prompting A, against an empty
 negative prompt. A student with a guidance input is first swept over `--guidance` at its own step
-count on `--sweep-samples` images; the best scale is then used at every step count.
-Usage (GPU host): python bench/student_quality.py --student DIR [DIR ...] --captions-cache FILE --out OUT
+count on `--sweep-samples` images; the best scale is then used at every step count. A student is
+scored at `--steps`, or at the step counts after its name (`DIR@4` or `DIR@2,4,8`; `DIR@own` is the
+count it was distilled for: a progressive or CFG-aware student samples only at its own).
+Usage (GPU host): python bench/student_quality.py --student DIR[@STEPS] [...] --captions-cache FILE --out OUT
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def negative_prompt_effect(bundle: Bundle, comps: TorchComponents, yard: Yardsti
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--student", type=Path, nargs="*", default=[], help="student pipeline folders")
+    ap.add_argument("--student", nargs="*", default=[], help="student pipeline folders, each DIR or DIR@STEPS")
     ap.add_argument("--teacher", default="fashion")
     ap.add_argument("--captions-cache", type=Path, default=None)
     ap.add_argument("--data", type=Path, default=None)
@@ -119,25 +121,30 @@ def main() -> None:
         report["teacher_negative_prompt"] = negative_prompt_effect(teacher, t_comps, yard, best_cfg,
                                                                    args.negative_samples)
         print("teacher negative prompt", report["teacher_negative_prompt"]["mean_drop"], flush=True)
-    for folder in args.student:
+    for spec in args.student:
+        folder, _, steps_spec = spec.partition("@")
+        folder = Path(folder)
+        label = f"{folder.parent.name}/{folder.name}"  # run/stage
         student = Bundle.load(folder)
         comps = components_for(student, table, device, dtype)
         own = SampleConfig.for_bundle(student, batch_size=args.batch_size)
+        step_counts = args.steps if not steps_spec else [own.steps] if steps_spec == "own" else \
+            [int(n) for n in steps_spec.split(",")]
         g_best = own.guidance_scale
         if takes_guidance(student.unet):
-            sweep = [cell(f"{folder.name} sweep {own.steps} steps g={g}", student, comps,
+            sweep = [cell(f"{label} sweep {own.steps} steps g={g}", student, comps,
                           SampleConfig(**{**own.__dict__, "guidance_scale": g}), args.sweep_samples)
                      for g in args.guidance]
             g_best = min(sweep, key=lambda r: r["fid"])["guidance_scale"]
-        for steps in args.steps:
+        for steps in step_counts:
             cfg = SampleConfig(**{**own.__dict__, "steps": steps, "guidance_scale": g_best})
-            cell(f"{folder.name} {steps} steps g={g_best}", student, comps, cfg, args.samples, keep=True)
-        report.setdefault("student_negative_prompt", {})[folder.name] = negative_prompt_effect(
+            cell(f"{label} {steps} steps g={g_best}", student, comps, cfg, args.samples, keep=True)
+        report.setdefault("student_negative_prompt", {})[label] = negative_prompt_effect(
             student, comps, yard, SampleConfig(**{**own.__dict__, "guidance_scale": g_best}), args.negative_samples)
         save()
-    print(f"\n{'cell':<44}{'FID':>8}{'KID':>9}{'acc':>7}{'PSNR':>7}{'SSIM':>7}")
+    print(f"\n{'cell':<56}{'FID':>8}{'KID':>9}{'acc':>7}{'PSNR':>7}{'SSIM':>7}")
     for r in report["cells"]:
-        print(f"{r['name']:<44}{r['fid']:>8.2f}{r['kid']:>9.4f}{r['prompt_accuracy']:>7.3f}"
+        print(f"{r['name']:<56}{r['fid']:>8.2f}{r['kid']:>9.4f}{r['prompt_accuracy']:>7.3f}"
               f"{r.get('psnr_to_teacher', float('nan')):>7.2f}{r.get('ssim_to_teacher', float('nan')):>7.3f}")
 
 

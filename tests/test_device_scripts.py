@@ -19,6 +19,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = ROOT / "scripts" / "device"
@@ -254,3 +256,63 @@ def test_bench_tees_its_log_and_keeps_the_status(host: Host):
     assert r.returncode == 0 and (host.out / "echo_args.2.log").read_text() == "args 0\n"
     r = host.bash("scripts/device/jobs/bench.sh nosuch")
     assert r.returncode == 2 and "usage:" in r.stderr
+
+
+def test_detached_recipe_outlives_its_call_packs_nothing_and_wait_collects_it(host: Host):
+    host.warm()
+    data = host.machine / "pd" / "data"
+    data.mkdir(parents=True)
+    for f in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte.gz", "captions.safetensors"):
+        (data / f).write_text("x")
+    r = host.bash("scripts/device/jobs/detach.sh job1 recipe.sh default run1 60")
+    assert r.returncode == 0 and "[job1] detached: recipe.sh default run1 60" in r.stdout, r.stdout + r.stderr
+    r = host.bash("scripts/device/jobs/wait.sh 20 1")  # a later call
+    assert r.returncode == 0 and "[job1] ended, exit 0" in r.stdout, r.stdout + r.stderr
+    assert "FINISHED: " in (host.machine / "pd" / "detached" / "job1.log").read_text()
+    assert not any(host.out.iterdir())  # the collecting call packs, not the detached job
+    assert (host.machine / "pd" / "runs" / "run1" / "01-cast" / "unet").is_dir()
+
+    r = host.bash("scripts/device/jobs/detach.sh job2 recipe.sh default run2 60", STUB_RC="75")
+    r = host.bash("scripts/device/jobs/wait.sh 20 1")
+    assert r.returncode == 0 and "[job2] ended, exit 75" in r.stdout
+    for args in ("", "job3", "a/b recipe.sh", "job3 nosuch.sh"):
+        r = host.bash(f"scripts/device/jobs/detach.sh {args}")
+        assert r.returncode == 2 and "usage: scripts/device/jobs/detach.sh" in r.stderr
+
+
+def test_wait_returns_75_while_a_detached_job_runs(host: Host):
+    host.warm()
+    (host.root / "scripts" / "device" / "jobs" / "sleeper.sh").write_text("#!/bin/sh\nsleep 30\n")
+    (host.root / "scripts" / "device" / "jobs" / "sleeper.sh").chmod(0o755)
+    assert host.bash("scripts/device/jobs/detach.sh slow sleeper.sh").returncode == 0
+    r = host.bash("scripts/device/jobs/wait.sh 2 1")
+    assert r.returncode == 75 and "[slow] running" in r.stdout and "1 still running" in r.stdout
+    pid = int((host.machine / "pd" / "detached" / "slow.pid").read_text())
+    os.killpg(pid, 15)
+
+
+def test_pack_stages_brings_fp16_unets_and_logs_and_skips_missing_stages(host: Host):
+    from diffusers import UNet2DConditionModel
+
+    host.warm()
+    stage = host.machine / "pd" / "runs" / "prog" / "01-guided-distill"
+    UNet2DConditionModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                         cross_attention_dim=8, attention_head_dim=2,
+                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).save_pretrained(stage / "unet")
+    (stage / "vae").mkdir()
+    (stage / "vae" / "big.bin").write_bytes(b"v" * 1000)
+    (stage / "pocketdiff.json").write_text("{}")
+    (stage / "guided-distill_log.jsonl").write_text("{}\n")
+    (stage.parent / "run.json").write_text("{}")
+    (stage.parent.parent / "prog.log").write_text("log\n")
+    r = host.bash(f"scripts/device/jobs/pack_stages.sh students {stage} {stage.parent / '02-progressive'}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "skipped" in r.stdout and "packed 1 stages" in r.stdout
+    with tarfile.open(host.out / "students.tar") as t:
+        names = set(t.getnames())
+        t.extractall(host.out / "x")
+    assert {"prog/01-guided-distill/pocketdiff.json", "logs/runs/prog.log", "logs/runs/prog/run.json",
+            "logs/runs/prog/01-guided-distill/guided-distill_log.jsonl"} <= names
+    weights = load_file(host.out / "x" / "prog" / "01-guided-distill" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert not any("vae" in n for n in names) and {w.dtype for w in weights.values()} == {torch.float16}

@@ -334,3 +334,34 @@ def test_cfg_aware_refuses_a_guidance_conditioned_student(tmp_path):
     with pytest.raises(ConfigError, match="ordinary CFG"):
         run_recipe(load_recipe(bad), tmp_path / "r", options=RunOptions(progress=False))
     assert not (tmp_path / "r").exists()
+
+
+CFG_ROUND = """
+[[pass]]
+name = "cfg-aware"
+iterations = 2
+batch_size = 4
+data_limit = 16
+warmup = 1
+sample_steps = {steps}
+round_teacher = "input"
+"""
+
+
+def test_cfg_aware_rounds_halve_the_input_models_steps_and_refuse_another_count(tmp_path):
+    from pocketdiff.bundle import Bundle
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(CFG_AWARE.format(iterations=2).replace("sample_steps = 2", "sample_steps = 4")
+                      + CFG_ROUND.format(steps=2))
+    report = run_recipe(load_recipe(recipe), tmp_path / "a", options=RunOptions(progress=False))
+    assert [s["status"] for s in report["stages"]] == ["ran", "ran"]
+    first, second = Bundle.load(tmp_path / "a" / "01-cfg-aware"), Bundle.load(tmp_path / "a" / "02-cfg-aware")
+    assert (first.manifest.sampling["steps"], second.manifest.sampling["steps"]) == (4, 2)
+    assert not _same(_unet(tmp_path / "a", "01-cfg-aware"), _unet(tmp_path / "a", "02-cfg-aware"))
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f'model = "{tmp_path / "a" / "01-cfg-aware"}"\nteacher = "arch:tiny"\n' + CFG_ROUND.format(steps=1))
+    with pytest.raises(ConfigError, match="input samples in 4 steps, so sample_steps must be 2"):
+        run_recipe(load_recipe(bad), tmp_path / "r", options=RunOptions(progress=False))
+    assert not (tmp_path / "r").exists()

@@ -6,13 +6,16 @@ Each step is one of two losses: with probability `cfg_probability` the CFG loss 
 from a range, applied to the teacher's two DDIM steps and to the student's own conditional and
 unconditional predictions — else the vanilla loss on conditional predictions alone. Both regress
 the student's x0 onto the two-teacher-step target in x-space with the max(SNR, 1) weight; vanilla
-steps add `denoising_weight` times the ordinary noise-prediction loss. The teacher is the recipe's
-(its 2N-step DDIM ODE); the student starts from the input Bundle's U-Net.
+steps add `denoising_weight` times the ordinary noise-prediction loss. The student starts from the
+input Bundle's U-Net. The target comes from the recipe's teacher (its 2N-step DDIM ODE) or, with
+`round_teacher = "input"`, from the input model's own 2N-step sampling: SnapFusion's progressive
+rounds (16 -> 8 -> 4 -> 2), each a resumable recipe stage.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from diffusers.training_utils import EMAModel
@@ -41,6 +44,8 @@ class CFGAwarePass:
         sample_steps: int = setting(8, min=1, max=500, help="DDIM steps (trailing grid) of the student")
         cfg_probability: float = setting(0.1, min=0.0, max=1.0, help="share of steps on the CFG loss")
         denoising_weight: float = setting(1.0, min=0.0, help="weight of the plain noise-prediction loss")
+        round_teacher: Literal["teacher", "input"] = setting(
+            "teacher", help="whose 2N-step DDIM gives the target: the recipe's teacher, or the input model (a round)")
 
     def check(self, bundle: Bundle, s: Settings, ctx: PassContext) -> None:
         check_teacher(ctx.teacher)
@@ -48,6 +53,12 @@ class CFGAwarePass:
         if takes_guidance(bundle.unet):
             raise ConfigError("cfg-aware trains a student that runs ordinary CFG; give a U-Net without a guidance "
                               "input (not an lcm or guided-distill student)")
+        if s.round_teacher == "input":
+            steps = bundle.manifest.sampling.get("steps")
+            if steps != 2 * s.sample_steps:
+                raise ConfigError(f"a cfg-aware round from the input model halves its step count: the input samples "
+                                  f"in {steps} steps, so sample_steps must be {steps // 2 if isinstance(steps, int) else '-'}"
+                                  f" (it is {s.sample_steps})")
 
     def apply(self, bundle: Bundle, s: Settings, ctx: PassContext) -> PassResult:
         dev, teacher = ctx.device, ctx.teacher
@@ -56,7 +67,8 @@ class CFGAwarePass:
         grid = trailing_ddim(teacher.scheduler.config, s.sample_steps)
         starts, final = grid.timesteps.to(dev), float(grid.final_alpha_cumprod)
         stride = sched.steps // s.sample_steps
-        teacher_unet = teacher.unet.to(dev).eval().requires_grad_(False)
+        source = teacher.unet if s.round_teacher == "teacher" else bundle.unet
+        teacher_unet = source.float().to(dev).eval().requires_grad_(False)
         student = copy_unet(bundle.unet.float()).to(dev).requires_grad_(True)
         ema = EMAModel(student.parameters(), decay=s.ema_decay, use_ema_warmup=True, power=3 / 4,
                        foreach=dev.type == "cuda")
@@ -99,4 +111,4 @@ class CFGAwarePass:
         ema.copy_to(student.parameters())
         bundle = ddim_student(bundle, student, s.sample_steps, s.guidance)
         return PassResult(bundle, {"steps": s.iterations, "batch_size": s.batch_size, "sample_steps": s.sample_steps,
-                                   "cfg_probability": s.cfg_probability})
+                                   "cfg_probability": s.cfg_probability, "round_teacher": s.round_teacher})

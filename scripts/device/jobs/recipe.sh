@@ -3,7 +3,8 @@
 # final stage (U-Net weights, configs, pocketdiff.json, stage.json, training logs), run.json and the
 # job's log into $OUT as RUN.tar (RUN.tar.0, .1, ... when over 16 MiB; here: cat RUN.tar* | tar x).
 # The run folder and the log live in /tmp/pd/runs/, so the next call on the warm machine resumes.
-# Jobs side by side each take their own RUN name: own run folder, log, lock and tarball.
+# Jobs side by side each take their own RUN name: own run folder, log, lock and tarball. Detached
+# (scripts/device/jobs/detach.sh sets PD_PACK=0) it packs nothing: the collecting call does.
 set -euo pipefail
 usage() {
   [ $# -eq 0 ] || echo "recipe.sh: $*" >&2
@@ -37,6 +38,10 @@ status=0
 python3 -m pocketdiff run "$recipe" --out "$run_dir" --device cuda --time-limit "$limit" >>"$log" 2>&1 || status=$?
 case $status in
   0)
+    if [ "${PD_PACK:-1}" = 0 ]; then
+      echo "FINISHED: $run_dir (not packed: detached)" | say
+      exit 0
+    fi
     final=$(python3 -c 'import json, sys; s = json.load(open(sys.argv[1]))["stages"]; print(s[-1]["folder"] if s else "")' \
       "$run_dir/run.json")
     mapfile -t files < <(cd "$runs" && { [ -z "$final" ] || find "$name/$final" -type f \
