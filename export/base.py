@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, ClassVar, Protocol
 
 from ..bundle import Bundle, read_json
+from ..compress.quantize.spec import QuantSpec
 from ..errors import CorruptFileError, InputPathError, UserError
 from ..fileio import atomic_write_json
 from ..registry import Registry
@@ -67,6 +68,7 @@ class ArtifactSet:
     artifacts: list[Artifact]
     sampler: dict[str, Any] = field(default_factory=dict)  # scheduler config, scaling_factor, tokenizer dir
     model_hash: str | None = None  # content hash of the exported weights, when the source has one
+    quantization: dict[str, Any] | None = None  # the `compress.quantize.spec.QuantSpec` the artifacts were made with
 
     def find(self, target: str, component: str) -> Artifact:
         """The artifact of `component` for `target`; InputPathError naming what the folder has."""
@@ -79,7 +81,7 @@ class ArtifactSet:
     def save(self, folder: Path) -> None:
         """Write artifacts.json into `folder`, atomically."""
         atomic_write_json(Path(folder) / MANIFEST, {"model": self.model, "model_hash": self.model_hash,
-                                                    "sampler": self.sampler,
+                                                    "sampler": self.sampler, "quantization": self.quantization,
                                                     "artifacts": [asdict(a) for a in self.artifacts]})
 
     @classmethod
@@ -99,8 +101,11 @@ class ArtifactSet:
         _require(path, data, "sampler", dict, optional=True)
         _require(path, data, "model_hash", str, optional=True)
         artifacts = [_artifact(path, f"artifacts[{i}]", a) for i, a in enumerate(data["artifacts"])]
+        quantization = data.get("quantization")
+        if quantization is not None:
+            QuantSpec.from_json(quantization, str(path))
         return cls(model=data["model"], sampler=data.get("sampler") or {}, model_hash=data.get("model_hash"),
-                   artifacts=artifacts)
+                   artifacts=artifacts, quantization=quantization)
 
 
 _ARTIFACT_FIELDS = {"target": str, "component": str, "path": str, "precision": str, "inputs": dict,
@@ -183,9 +188,8 @@ register_exporter = EXPORTERS.register
 get_exporter = EXPORTERS.create
 
 
-# Backends that register themselves on import: each name is a module in export/ (its exporter) and,
-# when present, in runtimes/ (its adapter). The Core ML / ExecuTorch owner adds "coreml" and
-# "executorch" to this tuple.
+# Backends that register themselves on import: each name is a module in export/ (its exporter), when
+# present `<name>_quantize` beside it (its quantize step), and in runtimes/ (its adapter).
 BUILTIN_BACKENDS: tuple[str, ...] = ("onnx", "coreml", "executorch")
 
 
@@ -195,9 +199,9 @@ def load_builtins() -> None:
     import importlib.util
 
     for name in BUILTIN_BACKENDS:
-        for package in ("pocketdiff.export", "pocketdiff.runtimes"):
-            if importlib.util.find_spec(f"{package}.{name}") is not None:
-                importlib.import_module(f"{package}.{name}")
+        for module in (f"pocketdiff.export.{name}", f"pocketdiff.export.{name}_quantize", f"pocketdiff.runtimes.{name}"):
+            if importlib.util.find_spec(module) is not None:
+                importlib.import_module(module)
 
 
 def sampler_info(bundle: Bundle) -> dict[str, Any]:
@@ -208,9 +212,24 @@ def sampler_info(bundle: Bundle) -> dict[str, Any]:
             "latent_channels": int(bundle.unet.config.in_channels)}
 
 
+class ExportStep(Protocol):
+    """Work between exporting the artifacts and committing the folder (quantization and its gate)."""
+
+    manifest_entry: dict[str, Any]  # recorded as artifacts.json "quantization"
+
+    def finish(self, artifact: Artifact, folder: Path) -> Artifact:
+        """The artifact after this step (its files under `folder` rewritten in place)."""
+        ...
+
+    def check(self, folder: Path, aset: ArtifactSet) -> None:
+        """Raise (GateError) to refuse the whole folder; nothing is then written."""
+        ...
+
+
 def export_bundle(bundle: Bundle, model: str, targets: list[str], options: ExportOptions, out: Path,
-                  log: Any = None) -> ArtifactSet:
-    """Export every component for every target into `out`, atomically (a failure leaves `out` untouched)."""
+                  log: Any = None, step: ExportStep | None = None) -> ArtifactSet:
+    """Export every component for every target into `out`, atomically (a failure, or `step` refusing the
+    artifacts, leaves `out` untouched)."""
     from ..fileio import atomic_dir
 
     load_builtins()
@@ -221,11 +240,15 @@ def export_bundle(bundle: Bundle, model: str, targets: list[str], options: Expor
             for component in options.components:
                 if log:
                     log(f"{exporter.target}: exporting {component} ({options.precision})")
-                artifacts.append(exporter.export(bundle, component, options, tmp))
+                artifact = exporter.export(bundle, component, options, tmp)
+                artifacts.append(step.finish(artifact, tmp) if step else artifact)
         aset = ArtifactSet(model=model, artifacts=artifacts, sampler=sampler_info(bundle),
-                           model_hash=bundle.manifest.content_hash)
+                           model_hash=bundle.manifest.content_hash,
+                           quantization=step.manifest_entry if step else None)
         portable_configs(tmp)
         aset.save(tmp)
+        if step:
+            step.check(tmp, aset)
     return aset
 
 

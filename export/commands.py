@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..commands import Handler, command, emit, int_range, path_arg, sample_value
 from ..sampler import MAX_SIDE
@@ -55,6 +56,11 @@ def _export(p: argparse.ArgumentParser) -> Handler:
                         "or everywhere with F(2x2,3x3) / F(4x4,3x3)")
     p.add_argument("--fp16-norms", choices=["fp32", "fp16"], default="fp32",
                    help="ExecuTorch fp16: compute GroupNorm/LayerNorm in fp32 (accurate, default) or fp16 (faster)")
+    p.add_argument("--quantize", default=None, metavar="SCHEME",
+                   help="quantize the exported graphs: w8a8 (U-Net static int8, text encoder and VAE int8 weights) or "
+                        "w8 (int8 weights only); the artifacts must pass the scheme's gate or nothing is written")
+    p.add_argument("--calibration", type=path_arg, default=None,
+                   help="calibration set from `pocketdiff calibrate` (default: recorded now from the model's sampler)")
     p.add_argument("--out", type=path_arg, required=True,
                    help="artifact folder (written atomically; an existing one is replaced only if it is an earlier "
                         f"export, holding {MANIFEST})")
@@ -62,10 +68,18 @@ def _export(p: argparse.ArgumentParser) -> Handler:
                    help=f"replace --out even if it is not an earlier export (no {MANIFEST})")
 
     def run(args: argparse.Namespace) -> None:
+        from ..compress.quantize.calibration import CalibrationSet
+        from ..compress.quantize.spec import make_spec
+        from ..errors import ConfigError
         from ..export.base import ExportOptions, export_bundle, get_exporter, load_builtins
+        from ..export.quantize import check_quantization
         from ..fileio import prepare_output_dir
         from ..sources import load_model
 
+        spec = make_spec(args.quantize, tuple(args.components)) if args.quantize else None
+        if args.calibration and not spec:
+            raise ConfigError("--calibration is only used with --quantize")
+        calibration = CalibrationSet.load(args.calibration) if args.calibration else None
         prepare_output_dir(args.out, MANIFEST, args.overwrite)
         options = ExportOptions(components=tuple(args.components), precision=args.precision,
                                 batch_sizes=args.batch_sizes, resolutions=args.resolutions,
@@ -75,19 +89,85 @@ def _export(p: argparse.ArgumentParser) -> Handler:
         load_builtins()
         for target in args.targets:
             get_exporter(target)
+        if spec:
+            options = check_quantization(args.targets, spec, options)
         if "coreml" in args.targets:
             from ..export.coreml import deployment_target
 
             deployment_target(options)
         bundle = load_model(args.model)
         model = args.model if not Path(args.model).exists() else str(Path(args.model).resolve())
-        aset = export_bundle(bundle, model, args.targets, options, args.out,
-                             log=None if args.json else (lambda m: print(m, file=sys.stderr)))
+        log = None if args.json else (lambda m: print(m, file=sys.stderr))
+        step = _quantize_step(bundle, spec, calibration, args.calibration, log) if spec else None
+        aset = export_bundle(bundle, model, args.targets, options, args.out, log=log, step=step)
         lines = [f"{a.target:<11}{a.component:<14}{a.precision:<6}{a.path}  "
                  f"({a.details.get('bytes', 0) / 1e6:.1f} MB, fused attention {a.details.get('fused_attention', '-')}, "
-                 f"{a.details.get('export_seconds', '-')} s)" for a in aset.artifacts]
-        emit(args, {"out": str(args.out), "model": aset.model,
-                    "artifacts": [a.__dict__ for a in aset.artifacts]}, "\n".join(lines + [f"artifacts: {args.out}"]))
+                 f"{a.details.get('export_seconds', '-')} s{_bits(a.details)})" for a in aset.artifacts]
+        result = {"out": str(args.out), "model": aset.model, "artifacts": [a.__dict__ for a in aset.artifacts]}
+        if step:
+            result["quantization"] = {"spec": aset.quantization, "gate": step.gate.report}
+            lines += [_gate_line(t) for t in step.gate.report["targets"]]
+        emit(args, result, "\n".join(lines + [f"artifacts: {args.out}"]))
+    return run
+
+
+def _quantize_step(bundle: Any, spec: Any, calibration: Any, source: Path | None, log: Any) -> Any:
+    """The quantized export's step: the calibration set (checked against the model, or recorded now along the
+    model's own sampler) and the gate, both at the sampler settings validation uses."""
+    from ..compress.quantize.calibration import record_calibration
+    from ..export.quantize import Quantization, QuantizeExport
+    from ..runtimes.harness import FALLBACK
+    from ..runtimes.quantize_gate import QuantizationGate
+    from ..sampler import SampleConfig
+
+    if spec.needs_calibration and calibration is not None:
+        calibration.check_model(bundle, str(source))
+    elif spec.needs_calibration:
+        if log:
+            log("recording calibration data along the model's sampler")
+        calibration = record_calibration(bundle, SampleConfig.for_bundle(bundle, fallback=FALLBACK))
+    return QuantizeExport(bundle, Quantization(spec, calibration if spec.needs_calibration else None),
+                          QuantizationGate(bundle))
+
+
+def _bits(details: dict[str, Any]) -> str:
+    """', 8.31 bits/weight (w8a8)' for a quantized artifact, else ''."""
+    q = details.get("quantization")
+    return f", {q['bits_per_weight']:.2f} bits/weight ({q['kind']})" if q else ""
+
+
+def _gate_line(target: dict[str, Any]) -> str:
+    """The quantization gate's figures for one target."""
+    acc = target.get("prompt_accuracy", {})
+    acc_text = (f"prompt accuracy {acc['quantized']:.2f} (float {acc['float']:.2f})" if "quantized" in acc
+                else f"prompt accuracy {acc.get('status', 'n/a')}")
+    return (f"gate {target['target']} {target['quantization']}: {target['status']}; end-to-end PSNR "
+            f"{target['psnr_db']:.2f} dB (gate {target['gate_db']} dB); {acc_text}")
+
+
+@command("calibrate", "record quantization calibration data along a model's own sampler (all steps, cond + uncond)")
+def _calibrate(p: argparse.ArgumentParser) -> Handler:
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help="'fashion' (built-in), arch:sd15|sd21|sdxl|tiny or a diffusers folder")
+    p.add_argument("--seed", type=sample_value("seed", int), default=0, help="image i starts from seed + i")
+    p.add_argument("--out", type=path_arg, required=True, help="calibration file to write (.safetensors)")
+
+    def run(args: argparse.Namespace) -> None:
+        from ..compress.quantize.calibration import record_calibration
+        from ..fileio import prepare_output_file
+        from ..runtimes.harness import FALLBACK
+        from ..sampler import SampleConfig
+        from ..sources import load_model
+
+        prepare_output_file(args.out, "--out")
+        bundle = load_model(args.model)
+        calibration = record_calibration(bundle, SampleConfig.for_bundle(bundle, fallback=FALLBACK), seed=args.seed)
+        calibration.save(args.out)
+        record = calibration.record()
+        emit(args, {"out": str(args.out), **{k: v for k, v in record.items() if k != "prompts"},
+                    "prompts": len(record["prompts"])},
+             f"{record['calls']} U-Net calls over {len(record['prompts'])} prompts ({record['scheduler']} "
+             f"{record['steps']} steps, guidance {record['guidance_scale']}, seed {record['seed']}): {args.out}")
     return run
 
 
@@ -116,7 +196,8 @@ def _validate(p: argparse.ArgumentParser) -> Handler:
         lines = []
         for t in report["targets"]:
             psnr_text = f"{t['psnr_db']:.2f} dB" if t["psnr_db"] is not None else "n/a"
-            lines.append(f"{t['target']} ({t['precision']}): {t['status']}; end-to-end PSNR {psnr_text} "
+            scheme = f", quantized {t['quantization']}" if t.get("quantization") else ""
+            lines.append(f"{t['target']} ({t['precision']}{scheme}): {t['status']}; end-to-end PSNR {psnr_text} "
                          f"(gate {t['gate_db']} dB)")
             for comp, c in t["components"].items():
                 if "parity" in c:

@@ -36,6 +36,8 @@ COMPONENT_GATES = {
     "fp32": {"text_encoder": 3e-5, "unet": 3e-5, "vae_decoder": 1.5e-5, "vae_encoder": 1.5e-5},
     "fp16": {"text_encoder": 5e-3, "unet": 1.5e-2, "vae_decoder": 6e-3, "vae_encoder": 3e-3},
 }
+# Quantized artifacts are gated by their scheme's figures, recorded with the spec in artifacts.json
+# (`compress.quantize.spec.SCHEMES`; docs/BENCHMARKS.md, "Quantization").
 # F(4x4,3x3) rounds more than direct or F(2x2,3x3) convolution: a graph with F4 layers gets wider gates
 WINOGRAD_F4_FACTOR = {"fp32": 10, "fp16": 3}
 LAYER_TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}
@@ -108,6 +110,7 @@ class TargetReport:
     failed_components: list[str] = field(default_factory=list)
     first_diverging_layer: dict[str, Any] | None = None
     note: str = ""
+    quantization: str | None = None  # the scheme, for quantized artifacts
 
 
 def check_files(folder: Path, aset: ArtifactSet) -> None:
@@ -197,8 +200,11 @@ def _non_finite(value: Any, where: str, found: list[str]) -> None:
             _non_finite(v, f"{where}[{i}]", found)
 
 
-def component_gate(artifact: Artifact, precision: str) -> float:
-    """The relative-L2 gate of one artifact: its component's, widened for graphs with F(4x4,3x3) layers."""
+def component_gate(artifact: Artifact, precision: str, quantized: dict[str, Any] | None = None) -> float:
+    """The relative-L2 gate of one artifact: its quantization scheme's (`quantized`: the spec's gates) for a
+    quantized artifact, else its component's, widened for graphs with F(4x4,3x3) layers."""
+    if quantized and "quantization" in artifact.details:
+        return float(quantized["rel_l2"][artifact.component])
     winograd = artifact.details.get("winograd")
     tiles = winograd.get("rewritten") if isinstance(winograd, dict) else None
     tiles = tiles if isinstance(tiles, dict) else {}
@@ -216,7 +222,10 @@ def _validate_target(folder: Path, aset: ArtifactSet, bundle: Bundle, target: st
                      progress: bool) -> TargetReport:
     arts = {a.component: a for a in aset.artifacts if a.target == target}
     precision = "fp16" if any(a.precision == "fp16" for a in arts.values()) else "fp32"
-    report = TargetReport(target=target, precision=precision, status=PASSED, gate_db=GATES_DB[precision])
+    quantized = (aset.quantization or {}).get("gates")
+    report = TargetReport(target=target, precision=precision, status=PASSED,
+                          gate_db=quantized["psnr_db"] if quantized else GATES_DB[precision],
+                          quantization=aset.quantization["scheme"] if aset.quantization else None)
     static = [c for c, s in sessions.items() if s.static_only]
     for comp, art in arts.items():
         if comp in static:
@@ -224,7 +233,7 @@ def _validate_target(folder: Path, aset: ArtifactSet, bundle: Bundle, target: st
             continue
         rows = component_parity(bundle, art, sessions[comp])
         worst = max((r["rel_l2"] for r in rows), key=lambda v: math.inf if math.isnan(v) else v)
-        gate = component_gate(art, precision)
+        gate = component_gate(art, precision, quantized)
         ok = _passes(worst, gate)
         report.components[comp] = {"parity": rows, "rel_l2": worst, "gate_rel_l2": gate,
                                    "status": PASSED if ok else FAILED}
@@ -256,7 +265,8 @@ def _validate_target(folder: Path, aset: ArtifactSet, bundle: Bundle, target: st
         spec = wrap(bundle, comp)
         feeds = example_inputs(bundle, comp, 1, config.resolution, seed=1)
         report.first_diverging_layer = first_diverging_layer(arts[comp], folder, spec.module, feeds,
-                                                             LAYER_TOLERANCE[precision])
+                                                             quantized["layer_rel_l2"] if quantized
+                                                             else LAYER_TOLERANCE[precision])
     return report
 
 
@@ -271,14 +281,15 @@ def failure_message(report: dict[str, Any]) -> str:
         for comp in t["failed_components"]:
             c = t["components"].get(comp, {})
             if c.get("status") == FAILED:
-                parts.append(f"{comp} ({_figure('rel L2', c['rel_l2'])}, gate {c['gate_rel_l2']:.0e})")
+                parts.append(f"{comp} ({_figure('rel L2', c['rel_l2'])}, gate {c['gate_rel_l2']:.3g})")
             else:
                 parts.append(f"{comp} (end to end)")
         layer = t.get("first_diverging_layer")
         where = f"; first diverging layer {layer['layer']} ({layer['op']}, {_figure('rel L2', layer['rel_l2'])})" \
             if layer else ""
         psnr_text = "n/a" if t["psnr_db"] is None else _figure("", t["psnr_db"], ".2f") + " dB"
-        lines.append(f"{t['target']} {t['precision']}: failing component(s): {', '.join(parts)}; end-to-end PSNR "
+        label = f"{t['precision']} quantized {t['quantization']}" if t.get("quantization") else t["precision"]
+        lines.append(f"{t['target']} {label}: failing component(s): {', '.join(parts)}; end-to-end PSNR "
                      f"{psnr_text.strip()} (gate {t['gate_db']} dB){where}")
     return " | ".join(lines)
 
