@@ -47,10 +47,10 @@ def with_light_decoder(bundle, width: int):
     return out
 
 
-def cost(bundle, component: str):
-    """(params, MACs per call) of one component."""
+def cost(bundle, component: str, weights_only: bool = False):
+    """(params, MACs per call) of one component; `weights_only`: conv/linear MACs, as published figures count."""
     c = next(c for c in measure_costs(bundle) if c.component == component)
-    return c.params, c.macs
+    return c.params, c.weight_macs if weights_only else c.macs
 
 
 def runner(bundle, component: str, folder: Path):
@@ -65,7 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="fashion")
     ap.add_argument("--arch", default=None, help="also list the presets' costs on arch NAME (meta device)")
-    ap.add_argument("--width", type=int, default=64, help="light decoder width")
+    ap.add_argument("--width", type=int, default=16, help="light decoder width (fashion-slim's)")
     ap.add_argument("--blocks", type=int, default=5)
     ap.add_argument("--per-block", type=int, default=20)
     args = ap.parse_args()
@@ -97,8 +97,9 @@ def main() -> None:
               f"{dec_stats['teacher'].median_s / st.median_s:>9.2f}x")
     if args.arch:
         arch = build_arch(args.arch, device="meta")
-        print(f"\narch:{args.arch} U-Net at {arch.resolution}px (meta device, costs only)")
-        base_params, base_macs = cost(arch, "unet")
+        print(f"\narch:{args.arch} U-Net at {arch.resolution}px (meta device, costs only; MACs of conv/linear "
+              "layers, attention products left out, as published figures count)")
+        base_params, base_macs = cost(arch, "unet", weights_only=True)
         print(f"{'teacher':<10}{base_params / 1e6:>10.1f} M{base_macs / 1e9:>10.1f} G")
         for preset in PRESETS:
             config = dict(arch.unet.config)
@@ -108,7 +109,7 @@ def main() -> None:
                 import diffusers
 
                 variant.unet = diffusers.UNet2DConditionModel.from_config(plan.config).eval()
-            params, macs = cost(variant, "unet")
+            params, macs = cost(variant, "unet", weights_only=True)
             print(f"{preset:<10}{params / 1e6:>10.1f} M{macs / 1e9:>10.1f} G  ({100 * (1 - macs / base_macs):.1f} % "
                   f"fewer MACs, {100 * (1 - params / base_params):.1f} % fewer params)")
 
