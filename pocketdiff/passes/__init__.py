@@ -26,6 +26,7 @@ from ..settings import parse
 
 BUILTIN_MODULES = ("pocketdiff.passes.basic", "pocketdiff.compress.distill.lcm", "pocketdiff.compress.distill.fold",
                    "pocketdiff.compress.distill.progressive", "pocketdiff.compress.distill.cfg_aware",
+                   "pocketdiff.compress.distill.dmd",
                    "pocketdiff.compress.slim.blocks", "pocketdiff.compress.slim.decoder",
                    "pocketdiff.compress.slim.recovery")
 
