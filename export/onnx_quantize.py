@@ -69,13 +69,14 @@ def _static_w8a8(bundle: Bundle, artifact: Artifact, spec: QuantSpec, calibratio
         raise ConfigError(f"static int8 activations need the U-Net's calibration set; {artifact.component} "
                           "has none (give it a weight-only kind)")
     path = out / artifact.path
-    model = onnx.load(str(path))
+    model = constants_to_initializers(onnx.load(str(path)))  # weights held in Constant nodes are weights too
     before = weight_elements(model)
     skip = float_nodes(model)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
-        target = Path(tmp) / "model.onnx"
+        source, target = Path(tmp) / "float" / "model.onnx", Path(tmp) / "model.onnx"
+        save_model(model, source)
         with _quiet():
-            quantize_static(str(path), str(target), _Feeds(calibration), quant_format=QuantFormat.QDQ,
+            quantize_static(str(source), str(target), _Feeds(calibration), quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
                             reduce_range=False, op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=skip,
                             calibrate_method=CalibrationMethod.MinMax, extra_options=static_options(),
