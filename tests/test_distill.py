@@ -204,13 +204,14 @@ def test_fashion_4step_loads_in_stock_diffusers_and_draws_the_same_images():
 
     ours = load_model("fashion-4step")
     cfg = SampleConfig.for_bundle(ours)
-    assert (cfg.scheduler, cfg.steps, cfg.guidance_scale) == ("lcm", 4, 1.0)
+    assert (cfg.scheduler, cfg.steps, cfg.guidance_scale) == ("ddim", 4, 1.0)
     folder = builtin_path("fashion-4step")
     unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
     vae = diffusers.AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32)
-    scheduler = diffusers.LCMScheduler.from_pretrained(folder / "scheduler")
+    scheduler = diffusers.DDIMScheduler.from_pretrained(folder / "scheduler")
+    assert scheduler.config.timestep_spacing == "trailing"  # the grid the progressive rounds trained on
     # The guidance is folded in (a plain U-Net), so the stock text-to-image pipeline runs it with its
-    # stored LCM scheduler and no CFG; diffusers' LCM pipeline would ask for a guidance input it lacks.
+    # stored DDIM scheduler and no CFG.
     pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=ours.text_encoder, tokenizer=ours.tokenizer,
                                              unet=unet, scheduler=scheduler, safety_checker=None,
                                              feature_extractor=None, requires_safety_checker=False)
@@ -365,3 +366,23 @@ def test_cfg_aware_rounds_halve_the_input_models_steps_and_refuse_another_count(
     with pytest.raises(ConfigError, match="input samples in 4 steps, so sample_steps must be 2"):
         run_recipe(load_recipe(bad), tmp_path / "r", options=RunOptions(progress=False))
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("stage", [
+    'name = "guided-distill"\nsample_steps = 4',
+    'name = "cfg-aware"\nsample_steps = 2\ncfg_probability = 0.0\ndenoising_weight = 0.0',
+])
+def test_step_distillation_loss_falls_for_a_student_that_starts_off_the_teacher(tmp_path, stage):
+    from pocketdiff.zoo import build_arch
+
+    build_arch("tiny", seed=7).save(tmp_path / "other")
+    recipe = tmp_path / "fall.toml"
+    recipe.write_text(f'model = "{tmp_path / "other"}"\nteacher = "arch:tiny"\n[[pass]]\n{stage}\niterations = 30\n'
+                      'batch_size = 4\ndata_limit = 16\nwarmup = 1\nlr = 1e-3\nlog_every = 1\n')
+    run_recipe(load_recipe(recipe), tmp_path / "r", options=RunOptions(progress=False))
+    name = stage.split('"')[1]
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "r" / f"01-{name}" / f"{name}_log.jsonl")
+              .read_text().splitlines()]
+    assert len(losses) == 30
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.75 * first, (first, last)  # a student that learns nothing stays near 1
