@@ -2,8 +2,8 @@
 
 Exit codes: 0 success, 1 failure (including a quality gate missed), 2 usage or bad input, 75 a run
 stopped at its time limit, 130 interrupted (SIGINT), 143 terminated (SIGTERM). Every failure is one
-line on stderr, `pocketdiff: error: ...` (input) or `pocketdiff: failed: ...`; with --json it is also
-`{"error": {"kind", "message", "exit_code"}}` on stdout.
+line on stderr, `pocketdiff: error: ...` (input), `pocketdiff: unfinished: ...` (time limit) or
+`pocketdiff: failed: ...`; with --json it is also `{"error": {"kind", "message", "exit_code"}}` on stdout.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from . import __version__
-from .errors import PocketdiffError, UserError
+from .errors import PocketdiffError, Unfinished, UserError
 
 # What an interrupt leaves behind, for commands that keep finished work; every other command writes
 # atomically, so an interrupt leaves nothing.
@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except PocketdiffError as e:
             if verbose and not isinstance(e, UsageError):
                 raise
-            label = "error" if isinstance(e, UserError) else "failed"
+            label = "error" if isinstance(e, UserError) else "unfinished" if isinstance(e, Unfinished) else "failed"
             return _fail(type(e).__name__, str(e), e.exit_code, as_json, label)
         except (OSError, MemoryError) as e:  # the machine's failure (disk full, out of memory), not a bug
             if verbose:

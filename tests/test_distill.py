@@ -386,3 +386,13 @@ def test_step_distillation_loss_falls_for_a_student_that_starts_off_the_teacher(
     assert len(losses) == 30
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.75 * first, (first, last)  # a student that learns nothing stays near 1
+
+
+def test_cli_run_stopped_by_its_time_limit_exits_75_with_one_unfinished_line(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(LCM.format(iterations=4, lr=1e-4, loss="huber", extra=""))
+    r = subprocess.run([sys.executable, "-m", "pocketdiff", "run", str(recipe), "--out", str(tmp_path / "run"),
+                        "--device", "cpu", "--time-limit", "0"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 75, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("pocketdiff: unfinished: stage 01-lcm reached the time limit") and "Traceback" not in r.stderr
