@@ -13,7 +13,6 @@ import diffusers
 import torch
 from torch import nn
 
-from ...errors import ConfigError
 
 
 class GANHead(nn.Module):
@@ -35,12 +34,10 @@ class GANHead(nn.Module):
 
 
 class Bottleneck:
-    """The mid-block output of the last forward of a U-Net (a hook, so wrappers such as DDP keep working)."""
+    """The mid-block output of the last forward of a U-Net with a mid block (a hook, so wrappers such as
+    DDP keep working; the dmd pass refuses a teacher without one before building this)."""
 
     def __init__(self, unet: diffusers.UNet2DConditionModel) -> None:
-        if getattr(unet, "mid_block", None) is None:
-            raise ConfigError("the GAN head reads the fake-score U-Net's mid block, and the teacher's U-Net has none; "
-                              "set gan_weight = 0 or give a teacher with a mid block")
         self._last: torch.Tensor | None = None
         unet.mid_block.register_forward_hook(self._keep)
 

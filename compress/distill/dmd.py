@@ -45,7 +45,7 @@ from ...settings import setting
 from ...training import LoopSpec, OptimizerSpec, StepContext, Trainer, autocast
 from .checks import check_student, check_teacher
 from .critic import Bottleneck, GANHead
-from .data import LatentData, load_latent_data
+from .data import load_latent_data
 from .progressive import guided_x0_eps
 from .schedule import NoiseSchedule, boundary_scalings
 from .speed import prepare_for_speed
