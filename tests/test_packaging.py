@@ -28,6 +28,10 @@ def test_wheel_installs_and_runs(tmp_path):
                     "-w", str(tmp_path / "dist"), str(source)], check=True, capture_output=True)
     wheel = next((tmp_path / "dist").glob("pocketdiff-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
+    tracked = subprocess.run(["git", "ls-files", "pocketdiff", "compress", "export", "runtimes"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()
+    modules = {n if n.startswith("pocketdiff/") else f"pocketdiff/{n}" for n in tracked if n.endswith(".py")}
+    assert not modules - names, f"tracked modules missing from the wheel (pyproject's packages): {modules - names}"
     for expected in ("pocketdiff/cli.py", "pocketdiff/export/base.py", "pocketdiff/export/rewrites/attention.py",
                      "pocketdiff/export/rewrites/winograd_table.py", "pocketdiff/runtimes/base.py",
                      "pocketdiff/compress/__init__.py", "pocketdiff/recipes/default.toml",
