@@ -131,9 +131,16 @@ def test_two_gloo_processes_train_the_same_weights_as_one(tmp_path):
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                           "--master-port", "29517", *common, "--out", str(tmp_path / "two")],
                          capture_output=True, text=True, env=env)
-    assert one.returncode == 0, one.stderr[-2000:]
-    assert two.returncode == 0, two.stderr[-2000:]
+    # accelerate's own launcher, as users run it (its --cpu flag would start one process; --multi_gpu
+    # starts N through torchrun, and the run picks gloo for --device cpu)
+    acc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "--main_process_port", "29518", *common, "--out", str(tmp_path / "acc")],
+                         capture_output=True, text=True, env=env)
+    for r in (one, two, acc):
+        assert r.returncode == 0, r.stderr[-2000:]
     a, b = _unet(tmp_path / "one"), _unet(tmp_path / "two")
+    assert _same(b, _unet(tmp_path / "acc"))  # the two launchers set up the same processes
     init = _unet_of_teacher_shape(a)
     moved = torch.cat([(a[k] - init[k]).flatten() for k in a])
     apart = torch.cat([(a[k] - b[k]).flatten() for k in a])
