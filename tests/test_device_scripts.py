@@ -316,3 +316,27 @@ def test_pack_stages_brings_fp16_unets_and_logs_and_skips_missing_stages(host: H
             "logs/runs/prog/01-guided-distill/guided-distill_log.jsonl"} <= names
     weights = load_file(host.out / "x" / "prog" / "01-guided-distill" / "unet" / "diffusion_pytorch_model.safetensors")
     assert not any("vae" in n for n in names) and {w.dtype for w in weights.values()} == {torch.float16}
+
+
+def test_leave_out_keeps_paths_from_the_carried_tree_and_restores_them(tmp_path: Path):
+    repo = tmp_path / "repo"
+    (repo / "scripts" / "device").mkdir(parents=True)
+    shutil.copy2(DEVICE / "leave_out.sh", repo / "scripts" / "device")
+    (repo / "w" / "student").mkdir(parents=True)
+    (repo / "w" / "student" / "big.bin").write_bytes(b"x" * 4096)
+    (repo / "keep.txt").write_text("k\n")
+    git = lambda *a: subprocess.run(["git", *a], cwd=repo, capture_output=True, text=True, check=True).stdout
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "init")
+    run = lambda *a: subprocess.run(["bash", "scripts/device/leave_out.sh", *a], cwd=repo, capture_output=True, text=True)
+    r = run("w/student/")
+    assert r.returncode == 0 and "left out w/student" in r.stdout, r.stderr
+    # what travels: tracked files and untracked ones git does not ignore
+    travels = git("ls-files", "--cached", "--others", "--exclude-standard").split()
+    assert "w/student/big.bin" not in travels and "keep.txt" in travels
+    assert (repo / "w" / "student" / "big.bin").is_file()
+    assert run("nosuch").returncode == 2
+    r = run("--restore")
+    assert r.returncode == 0 and git("status", "--porcelain") == ""
+    assert "w/student/big.bin" in git("ls-files").split() and run("--restore").stdout.startswith("leave_out: nothing")
