@@ -49,7 +49,7 @@ from .data import load_latent_data
 from .progressive import guided_x0_eps
 from .schedule import NoiseSchedule, boundary_scalings
 from .speed import prepare_for_speed
-from .student import copy_unet, fold_guidance
+from .student import copy_unet, fold_guidance, lcm_student
 
 
 @register_pass
@@ -109,7 +109,7 @@ class DMDPass:
         if not run.trainer.fit(run.step):
             return PassResult(None, {"steps_done": run.trainer.step}, finished=False)
         run.ema.copy_to(run.generator.parameters())
-        out = one_step_bundle(bundle, run.generator.cpu().eval(), s.sample_steps)
+        out = lcm_student(bundle, run.generator.cpu().eval(), s.sample_steps, 1.0)  # guidance baked in
         return PassResult(out, {"steps": s.iterations, "batch_size": s.batch_size, "critic_updates": s.critic_updates,
                                 "gan_weight": s.gan_weight, "guidance_baked_in": s.guidance,
                                 "guidance_input": False, "sample_steps": s.sample_steps,
@@ -121,14 +121,6 @@ def sampling_grid(config: dict, steps: int) -> torch.Tensor:
     sampler = make_scheduler("lcm", config)
     sampler.set_timesteps(steps)
     return sampler.timesteps.long()
-
-
-def one_step_bundle(bundle: Bundle, unet: diffusers.UNet2DConditionModel, steps: int) -> Bundle:
-    """The Bundle with the generator, an LCM scheduler and its step count; guidance 1 (it is baked in)."""
-    bundle.unet = unet.requires_grad_(False)
-    bundle.scheduler = make_scheduler("lcm", bundle.scheduler.config)
-    bundle.manifest.sampling = {"scheduler": "lcm", "steps": steps, "guidance_scale": 1.0}
-    return bundle
 
 
 @contextlib.contextmanager

@@ -33,14 +33,13 @@ from ...bundle import Bundle
 from ...errors import ConfigError
 from ...guidance import guidance_embedding
 from ...passes import PassContext, PassResult, register_pass
-from ...schedulers import make_scheduler
 from ...settings import setting
 from ...training import LoopSpec, OptimizerSpec, StepContext, Trainer, autocast
 from .checks import check_student, check_teacher
 from .data import load_latent_data
 from .schedule import DDIMSolver, NoiseSchedule, boundary_scalings, pseudo_huber
 from .speed import prepare_for_speed
-from .student import copy_unet, ema_update, with_guidance_input
+from .student import copy_unet, ema_update, lcm_student, with_guidance_input
 
 
 @register_pass
@@ -92,7 +91,7 @@ class LatentConsistencyPass:
             return PassResult(None, {"steps_done": run.trainer.step}, finished=False)
         run.ema.copy_to(run.trained)
         student = _fuse_lora(run.student) if s.lora_rank is not None else run.student
-        return PassResult(_student_bundle(bundle, student.cpu().eval(), s),
+        return PassResult(lcm_student(bundle, student.cpu().eval(), s.sample_steps, s.guidance, s.ddim_timesteps),
                           {"steps": s.iterations, "batch_size": s.batch_size, "final_loss": _last_loss(ctx.work_dir),
                            "guidance_range": [s.guidance_min, s.guidance_max], "lora_rank": s.lora_rank})
 
@@ -175,14 +174,6 @@ def build_lcm(teacher: Bundle, bundle: Bundle, s: LatentConsistencyPass.Settings
         c.metrics["loss"] = loss.detach()
 
     return LCMRun(trainer, step, student, ema, trained)
-
-
-def _student_bundle(bundle: Bundle, unet: diffusers.UNet2DConditionModel, s: LatentConsistencyPass.Settings) -> Bundle:
-    """The input Bundle with the student U-Net, an LCM scheduler and its sampling settings."""
-    bundle.unet = unet.requires_grad_(False)
-    bundle.scheduler = make_scheduler("lcm", {**bundle.scheduler.config, "original_inference_steps": s.ddim_timesteps})
-    bundle.manifest.sampling = {"scheduler": "lcm", "steps": s.sample_steps, "guidance_scale": s.guidance}
-    return bundle
 
 
 def _last_loss(work: Path) -> float | None:

@@ -1,4 +1,5 @@
-"""Students built from a U-Net: an added guidance input, its folding back out, and EMA targets.
+"""Students built from a U-Net: an added guidance input, its folding back out, EMA targets, and the
+Bundle a consistency-sampled student ships as.
 
 A guidance-conditioned student is the teacher's U-Net with diffusers' `time_cond_proj_dim`: a
 linear map of the guidance embedding added to the timestep embedding. It is initialised at zero,
@@ -13,8 +14,10 @@ import diffusers
 import torch
 from torch import nn
 
+from ...bundle import Bundle
 from ...errors import ConfigError
 from ...guidance import guidance_embedding
+from ...schedulers import make_scheduler
 
 GUIDANCE_DIM = 256
 
@@ -75,3 +78,16 @@ def ema_update(target: nn.Module, online: nn.Module, decay: float) -> None:
     t = [p for p in target.parameters()]
     o = [p.detach() for p in online.parameters()]
     torch._foreach_lerp_(t, o, 1.0 - decay)
+
+
+def lcm_student(bundle: Bundle, unet: diffusers.UNet2DConditionModel, steps: int, guidance: float,
+                original_steps: int | None = None) -> Bundle:
+    """The Bundle with `unet`, an LCM scheduler (over `original_steps` of the teacher's timesteps when given)
+    and its step count and guidance: how consistency (LCM) and one-step (DMD) students sample."""
+    bundle.unet = unet.requires_grad_(False)
+    config = dict(bundle.scheduler.config)
+    if original_steps is not None:
+        config["original_inference_steps"] = original_steps
+    bundle.scheduler = make_scheduler("lcm", config)
+    bundle.manifest.sampling = {"scheduler": "lcm", "steps": steps, "guidance_scale": guidance}
+    return bundle
