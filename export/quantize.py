@@ -3,7 +3,7 @@
 A backend's quantize step lives beside its exporter (`export/<target>_quantize.py`) and registers
 under the same target name with the kinds of `compress.quantize.spec` it can run, each mapped to
 the function that does it, so asking for a scheme is a lookup, never a chain of ifs. A target with
-no registered step (Core ML, ExecuTorch for now) cannot run any scheme.
+no registered step (Core ML for now) cannot run any scheme.
 """
 
 from __future__ import annotations

@@ -1,0 +1,112 @@
+"""ExecuTorch quantization on arch:tiny: PT2E static int8 lowers to XNNPACK, runs in ExecuTorch's runtime within its
+gate with the ops outside the delegate recorded, a broken calibration is refused, and a scheme ExecuTorch cannot run
+is one line and exit 2."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torchao.quantization.pt2e import FixedQParamsObserver
+
+from pocketdiff.compress.quantize.calibration import record_calibration
+from pocketdiff.compress.quantize.spec import SCHEMES, make_spec
+from pocketdiff.errors import GateError
+from pocketdiff.export import executorch_quantize
+from pocketdiff.export.base import ArtifactSet, ExportOptions, export_bundle
+from pocketdiff.export.quantize import Quantization, QuantizeExport, check_quantization
+from pocketdiff.runtimes.harness import FALLBACK, raise_on_failure, validate
+from pocketdiff.runtimes.quantize_gate import QuantizationGate
+from pocketdiff.sampler import SampleConfig
+from pocketdiff.zoo import build_arch
+
+COMPONENTS = ("unet",)  # the w8a8 scheme's other kinds (int8 weights, float activations) have no XNNPACK form
+BROKEN_LAYER = "unet.down_blocks.1.resnets.0.conv1"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on the shared 2-core host, spinning thread pools make these runs many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle():
+    """arch:tiny seed 0, the model `pocketdiff export arch:tiny` builds."""
+    return build_arch("tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def calibration(tiny_bundle):
+    return record_calibration(tiny_bundle, SampleConfig.for_bundle(tiny_bundle, fallback=FALLBACK))
+
+
+def _export(bundle, calibration, out):
+    """`pocketdiff export arch:tiny --targets executorch --components unet --quantize w8a8`, at the CFG batch only
+    (each exported batch is one more slow lowering); returns the gate's report."""
+    spec = make_spec("w8a8", COMPONENTS)
+    options = check_quantization(["executorch"], spec, ExportOptions(components=COMPONENTS, batch_sizes=(2,)))
+    gate = QuantizationGate(bundle)
+    export_bundle(bundle, "arch:tiny", ["executorch"], options, out, step=QuantizeExport(
+        bundle, Quantization(spec, calibration), gate))
+    return gate.report
+
+
+def test_static_int8_lowers_runs_and_passes_its_gate(tiny_bundle, calibration, tmp_path):
+    out = tmp_path / "art"
+    report = _export(tiny_bundle, calibration, out)
+    (t,) = report["targets"]
+    assert report["passed"] and t["target"] == "executorch" and t["psnr_db"] >= SCHEMES["w8a8"].gates.psnr_db
+    aset = ArtifactSet.load(out)
+    assert aset.quantization["scheme"] == "w8a8" and aset.quantization["calibration"]["calls"] == calibration.calls
+    unet = aset.find("executorch", "unet")
+    q = unet.details["quantization"]
+    assert q["kind"] == "w8a8" and q["calibration_calls"] == calibration.calls and q["bits_per_weight"] < 16
+    ops = unet.details["ops"]["b2_8x8"]
+    assert ops["delegates"] >= 1 and unet.details["ops_outside_delegate"] == {
+        "b2_8x8": sum(ops["outside_delegates"].values())}
+    # the int8 convolutions and linears, their q/dq pairs and the float norms all went into XNNPACK
+    assert not any(k.startswith("quantized_decomposed") or "convolution" in k or "addmm" in k
+                   for k in ops["outside_delegates"]), ops["outside_delegates"]
+    raise_on_failure(validate(out, bundle=tiny_bundle))  # `pocketdiff validate` takes the folder as it is
+
+
+def _force_input_scale(prepared, layer: str) -> None:
+    """Replace the observer in front of `layer`'s convolution by one fixed at scale 1e-8 (a planted calibration fault)."""
+    for node in prepared.graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        if node.target is torch.ops.aten.conv2d.default and stack and next(reversed(stack.values()))[0] == layer:
+            observer = node.args[0]
+            setattr(prepared, observer.target, FixedQParamsObserver(scale=1e-8, zero_point=0, dtype=torch.int8,
+                                                                    quant_min=-128, quant_max=127))
+            return
+    raise AssertionError(f"no convolution of {layer} in the prepared graph")
+
+
+def test_broken_calibration_trips_the_gate(tiny_bundle, calibration, tmp_path, monkeypatch):
+    calibrate = executorch_quantize.calibrate
+
+    def broken(prepared, feeds):
+        calls = calibrate(prepared, feeds)
+        _force_input_scale(prepared, BROKEN_LAYER)
+        return calls
+
+    monkeypatch.setattr(executorch_quantize, "calibrate", broken)
+    out = tmp_path / "art"
+    with pytest.raises(GateError, match=r"quantized artifacts \(w8a8\) refused, nothing written: executorch .*unet"):
+        _export(tiny_bundle, calibration, out)
+    assert not out.exists() and not list(tmp_path.glob(".art.tmp-*"))
+
+
+def test_a_scheme_executorch_cannot_run_is_one_line_exit_2(tmp_path):
+    out = tmp_path / "art"
+    r = subprocess.run([sys.executable, "-m", "pocketdiff", "export", "arch:tiny", "--targets", "executorch",
+                        "--quantize", "w8", "--out", str(out)], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2, r.stderr
+    assert "executorch cannot run quantization scheme 'w8'" in r.stderr and "it runs w8a8" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr and not out.exists()
