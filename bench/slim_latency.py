@@ -86,12 +86,8 @@ def main() -> None:
         print(f"{name:<10}{params:>12,}{macs:>14,}{macs / t_macs:>11.3f}{1000 * st.median_s:>11.3f}"
               f"{unet_stats['teacher'].median_s / st.median_s:>9.2f}x")
     print(f"\nVAE decoder of {args.model}, latents {list(example_inputs(teacher, 'vae_decoder', 1)['latent_sample'].shape)}")
-    t_dec = sum(p.numel() for p in [*teacher.vae.decoder.parameters(), *teacher.vae.post_quant_conv.parameters()])
-    light = decoders["light"].vae
-    light_macs = _decoder_macs(light, example_inputs(teacher, "vae_decoder", 1)["latent_sample"])
     _, t_dec_macs = cost(teacher, "vae_decoder")
-    for name, params, macs in (("teacher", t_dec, t_dec_macs),
-                               ("light", sum(p.numel() for p in light.decoder.parameters()), light_macs)):
+    for name, (params, macs) in ((n, cost(b, "vae_decoder")) for n, b in decoders.items()):
         st = dec_stats[name]
         print(f"{name:<10}{params:>12,}{macs:>14,}{t_dec_macs / macs:>10.1f}x fewer{1000 * st.median_s:>9.3f} ms"
               f"{dec_stats['teacher'].median_s / st.median_s:>9.2f}x")
@@ -112,17 +108,6 @@ def main() -> None:
             params, macs = cost(variant, "unet", weights_only=True)
             print(f"{preset:<10}{params / 1e6:>10.1f} M{macs / 1e9:>10.1f} G  ({100 * (1 - macs / base_macs):.1f} % "
                   f"fewer MACs, {100 * (1 - params / base_params):.1f} % fewer params)")
-
-
-@torch.no_grad()
-def _decoder_macs(tiny, latents: torch.Tensor) -> int:
-    """MACs of one light-decoder call (costs.py counts KL decoders only)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        tiny.decode(latents)
-    return counter.get_total_flops() // 2
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ component take and return the same named tensors:
                   [batch, 77, D] (+ text_embeds, time_ids for SDXL)  -> out_sample [batch, C, h, w]
     vae_decoder   latent_sample [batch, 4, h, w] (already divided by scaling_factor) -> sample [batch, 3, H, W]
     vae_encoder   sample [batch, 3, H, W] in [-1, 1]                  -> latent_sample [batch, 4, h, w]
-                  (the latent distribution's mean, not a random draw, so artifacts are deterministic)
+                  (a KL VAE's distribution mean, not a random draw, so artifacts are deterministic;
+                  an AutoencoderTiny's encoder gives its latents directly: `pocketdiff.vae`)
 
 The timestep stays float32 at every precision: fp16 cannot hold 999 and sin(999) accurately
 enough for the sinusoidal embedding, and Euler-type schedulers use fractional timesteps.
@@ -29,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..bundle import Bundle
 from ..errors import ConfigError, ShapeError
 from ..sampler import latent_shape
+from ..vae import encode_latents
 from .base import COMPONENT_NAMES
 
 TEXT_TOKENS = 77
@@ -81,14 +83,14 @@ class VaeDecoderExport(nn.Module):
 
 
 class VaeEncoderExport(nn.Module):
-    """sample in [-1, 1] -> latent_sample, the mean of the latent distribution (deterministic)."""
+    """sample in [-1, 1] -> latent_sample: a KL VAE's distribution mean, a tiny VAE's latents (deterministic)."""
 
     def __init__(self, vae: nn.Module):
         super().__init__()
         self.vae = vae
 
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(sample, return_dict=False)[0].mode()
+        return encode_latents(self.vae, sample)
 
 
 @dataclass

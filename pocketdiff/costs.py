@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .bundle import Bundle
 from .sampler import latent_shape
+from .vae import decoder_modules
 
 _BYTES = {"float32": 4, "float16": 2, "int8": 1}
 # Ops that multiply by weights; everything else the counter sees (bmm, baddbmm, SDPA) is attention.
@@ -63,7 +64,7 @@ def _example_inputs(bundle: Bundle, name: str, hw: tuple[int, int], batch: int, 
 
 def _callables(bundle: Bundle) -> dict[str, tuple[torch.nn.Module, object]]:
     calls: dict[str, tuple[torch.nn.Module, object]] = {"unet": (bundle.unet, bundle.unet)}
-    calls["vae_decoder"] = (bundle.vae, bundle.vae.decode)
+    calls["vae_decoder"] = (bundle.vae, lambda z: bundle.vae.decode(z))  # positional: Tiny names it x, KL z
     if bundle.text_encoder is not None:
         calls = {"text_encoder": (bundle.text_encoder, bundle.text_encoder), **calls}
     return calls
@@ -82,9 +83,8 @@ def measure_costs(bundle: Bundle, resolution: int | None = None, batch: int = 1)
     hw = latent_shape(bundle, resolution, resolution)
     out = []
     for name, (module, fn) in _callables(bundle).items():
-        params = list((module.decoder.parameters() if name == "vae_decoder" else module.parameters()))
-        if name == "vae_decoder":
-            params += list(module.post_quant_conv.parameters())
+        parts = decoder_modules(module) if name == "vae_decoder" else [module]
+        params = [p for part in parts for p in part.parameters()]
         device = next(module.parameters()).device
         inputs = _example_inputs(bundle, name, hw, batch, device)
         counter = FlopCounterMode(display=False)

@@ -24,6 +24,7 @@ from .metrics.classifier import FashionClassifier, load_classifier, prompt_accur
 from .metrics.agreement import psnr, ssim
 from .metrics.fid import fid_from_features, inception_features, inception_path, kid, load_inception
 from .sampler import Components, SampleConfig, as_saved, generate
+from .vae import encode_latents
 
 REPORTED_SAMPLES = 10_000
 
@@ -113,7 +114,7 @@ def autoencoder_floor(bundle: Bundle, yardstick: Yardstick, n: int, data_root: P
     out = []
     for i in range(0, n, batch):
         x = images[i:i + batch].to(param.device, param.dtype) * 2 - 1
-        out.append(((vae.decode(vae.encode(x).latent_dist.mean).sample.float() + 1) / 2).clamp(0, 1).cpu())
+        out.append(((vae.decode(encode_latents(vae, x)).sample.float() + 1) / 2).clamp(0, 1).cpu())
     result = yardstick.score(torch.cat(out))
     return {**result, "what": f"real train (first {n}) through the VAE vs real test"}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import io
 import numbers
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -219,6 +220,16 @@ def _takes_generator(scheduler: Any) -> bool:
 def generate(bundle: Bundle, prompts: list[str], config: SampleConfig | None = None,
              components: Components | None = None, progress: bool = True) -> torch.Tensor:
     """Images for `prompts` as a float tensor [N, 3, H, W] in [0, 1]."""
+    components = components or TorchComponents(bundle)
+    return torch.cat([(components.decode(latents) / 2 + 0.5).clamp(0, 1).cpu()
+                      for latents in latent_batches(bundle, prompts, config, components, progress)])
+
+
+def latent_batches(bundle: Bundle, prompts: list[str], config: SampleConfig | None = None,
+                   components: Components | None = None, progress: bool = True) -> Iterator[torch.Tensor]:
+    """The final (scaled) latents for `prompts`, one batch of `config.batch_size` at a time, before the VAE:
+    what `generate` decodes, and what a decoder trained or measured on sampled latents takes. The settings
+    are checked when called, before the first batch is asked for."""
     config = config or SampleConfig()
     config.check()
     if not prompts:
@@ -234,7 +245,12 @@ def generate(bundle: Bundle, prompts: list[str], config: SampleConfig | None = N
     if embeds:
         components.guidance = config.guidance_scale
     guided = config.guidance_scale > 1.0 and not embeds
-    out = []
+    return _batches(bundle, prompts, config, components, scheduler, hw, guided, progress)
+
+
+def _batches(bundle: Bundle, prompts: list[str], config: SampleConfig, components: Components, scheduler: Any,
+             hw: tuple[int, int], guided: bool, progress: bool) -> Iterator[torch.Tensor]:
+    """`latent_batches`' sampling loop, apart so that its checks run when it is called, not when first iterated."""
     bar = tqdm(total=len(prompts), desc=f"{config.scheduler} x{config.steps}", unit="img", disable=not progress)
     for start in range(0, len(prompts), config.batch_size):
         chunk = prompts[start:start + config.batch_size]
@@ -243,12 +259,10 @@ def generate(bundle: Bundle, prompts: list[str], config: SampleConfig | None = N
         gens = image_generators(len(chunk), config.seed, start)
         latents = initial_latents(len(chunk), bundle.unet.config.in_channels, hw, config.seed, start, gens)
         latents = latents.to(getattr(components, "device", "cpu"))
-        latents = sample_latents(components, scheduler, context, uncond, latents, config.steps, config.guidance_scale,
-                                 gens)
-        out.append((components.decode(latents) / 2 + 0.5).clamp(0, 1).cpu())
+        yield sample_latents(components, scheduler, context, uncond, latents, config.steps, config.guidance_scale,
+                             gens)
         bar.update(len(chunk))
     bar.close()
-    return torch.cat(out)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -235,8 +235,8 @@ def test_light_decoder_reconstruction_falls(deep_teacher, tmp_path):
     bundle = Bundle.load(deep_teacher)
     settings = LightDecoderPass.Settings(width=8, iterations=20, batch_size=8, data_limit=16, lr=3e-3, warmup=0,
                                          adv_weight=0.0, log_every=1)
-    trainer, step, _ = build_light_decoder(bundle, settings, tmp_path, torch.device("cpu"), progress=False)
-    assert trainer.fit(step)
+    run = build_light_decoder(bundle, settings, tmp_path, torch.device("cpu"), progress=False)
+    assert run.trainer.fit(run.step)
     import json
 
     rec = [json.loads(line)["reconstruction"] for line in (tmp_path / "light_decoder_log.jsonl").read_text().splitlines()]

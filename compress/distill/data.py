@@ -22,6 +22,7 @@ from ...bundle import Bundle
 from ...data import TEMPLATES, caption_set, load_fashion_mnist, to_model_images
 from ...errors import ConfigError, DataError
 from ...training import autocast
+from ...vae import posterior
 
 TEXT_STATES_ENV = "POCKETDIFF_TEXT_STATES"
 LATENTS_FILE = "latents.safetensors"
@@ -100,7 +101,7 @@ def _encode(teacher: Bundle, images: np.ndarray, device: torch.device, batch: in
     for i in range(0, len(images), batch):
         x = to_model_images(images[i:i + batch], size=teacher.resolution).to(device)
         with autocast(device):
-            post = vae.encode(x).latent_dist
-        means.append(post.mean.float().cpu())
-        stds.append(post.std.float().cpu())
+            mean, std = posterior(vae, x)
+        means.append(mean.float().cpu())
+        stds.append(std.float().cpu())
     return torch.cat(means).contiguous(), torch.cat(stds).contiguous()

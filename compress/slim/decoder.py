@@ -11,13 +11,17 @@ teacher (DecoderTiny's input clamp, tanh(x/3)·3, assumes that).
 encoder cannot stay in the same folder: the pass trains the tiny encoder alongside, to invert the
 teacher's decoder into the teacher's latent space (E(D_teacher(z)) ≈ z), so encode → decode stays in
 the latent space the U-Net was trained on. Training data are posterior samples of the teacher's
-encoder on the training images (`compress.distill.data`); losses are L1 + L2 to the teacher
-decoder's image plus a hinge adversarial term from a PatchGAN critic (its own optimizer on the
+encoder on the training images (`compress.distill.data`) and, for a `sampled_share` of each batch,
+the latents the U-Net actually hands the decoder: the Bundle's own sampler run on the training captions
+(each image seeded seed + i), drawn once and cached in the work folder, so a resumed run trains on the
+same latents as an uninterrupted one. Losses are L1 + L2 to the teacher decoder's image plus a hinge adversarial term from a PatchGAN critic (its own optimizer on the
 shared Trainer), as TAESD and the teacher's own decoder fine-tune (`pocketdiff.teacher.decoder`) do.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,13 +29,21 @@ import diffusers
 import torch
 import torch.nn.functional as F
 
+from safetensors.torch import load_file, save_file
+
+from ... import distributed
 from ...bundle import Bundle, read_json
+from ...data import caption_set
 from ...errors import ConfigError
 from ...passes import PassContext, PassResult, register_pass
+from ...sampler import CachedTextComponents, SampleConfig, latent_batches
 from ...settings import setting
 from ...teacher.decoder import PatchDiscriminator
 from ...training import LoopSpec, OptimizerSpec, StepContext, Trainer, autocast
-from ..distill.data import load_latent_data
+from ...vae import decoder_params
+from ..distill.data import LatentData, load_latent_data
+
+SAMPLED_FILE = "sampled_latents.safetensors"
 
 
 class LightPair(torch.nn.Module):
@@ -117,35 +129,87 @@ class LightDecoderPass:
         adv_start: int = setting(500, min=0, help="steps of reconstruction only before the critic joins")
         encoder_weight: float = setting(1.0, min=0.0, help="weight of the tiny encoder's latent loss")
         data_limit: int | None = setting(None, min=1, help="first N training images only (tests)")
+        sampled_share: float = setting(0.0, min=0.0, max=1.0, help="share of each batch drawn from latents the "
+                                       "Bundle's own sampler produces on the training captions (0: encoded only)")
+        sampled_count: int = setting(1024, min=1, help="how many sampled latents to draw once and cache")
+        sample_steps: int | None = setting(None, min=1, help="sampler steps for them (default: the Bundle's own)")
+        sample_guidance: float | None = setting(None, min=0.0, help="guidance scale for them (default: the "
+                                                "Bundle's own)")
         checkpoint_every: int = setting(500, min=1)
         log_every: int = setting(50, min=1)
         seed: int = setting(0, min=0)
 
     def check(self, bundle: Bundle, s: Settings, ctx: PassContext) -> None:
-        if not hasattr(bundle.vae, "quant_conv"):
+        if not isinstance(bundle.vae, diffusers.AutoencoderKL):
             raise ConfigError(f"light-decoder fits a light decoder to a KL VAE's decoder; this model's VAE is a "
                               f"{type(bundle.vae).__name__} (already light?)")
         check_light_start(bundle.vae, s.init, s.latent_channels)
         light_vae_config(bundle.vae, s.width, s.blocks)
+        if s.sampled_share > 0:
+            sample_config(bundle, s)
 
     def apply(self, bundle: Bundle, s: Settings, ctx: PassContext) -> PassResult:
         run = build_light_decoder(bundle, s, ctx.work_dir, ctx.device, ctx.deadline, ctx.progress)
-        if not run[0].fit(run[1]):
-            return PassResult(None, {"steps_done": run[0].step}, finished=False)
-        tiny = run[2].cpu().eval().requires_grad_(False)
-        before = sum(p.numel() for p in [*bundle.vae.decoder.parameters(), *bundle.vae.post_quant_conv.parameters()])
+        if not run.trainer.fit(run.step):
+            return PassResult(None, {"steps_done": run.trainer.step}, finished=False)
+        tiny = run.tiny.cpu().eval().requires_grad_(False)
+        before = decoder_params(bundle.vae)
         bundle.vae = tiny
-        return PassResult(bundle, {"decoder_params_before": before,
-                                   "decoder_params_after": sum(p.numel() for p in tiny.decoder.parameters()),
+        return PassResult(bundle, {"decoder_params_before": before, "decoder_params_after": decoder_params(tiny),
                                    "steps": s.iterations})
 
 
+def sample_config(bundle: Bundle, s: LightDecoderPass.Settings) -> SampleConfig:
+    """The Bundle's own sampler settings (`sample_steps` / `sample_guidance` over them), seeded `s.seed`."""
+    return SampleConfig.for_bundle(bundle, steps=s.sample_steps, guidance_scale=s.sample_guidance, seed=s.seed,
+                                   batch_size=min(s.batch_size, s.sampled_count))
+
+
+def sampled_latents(bundle: Bundle, data: LatentData, s: LightDecoderPass.Settings, work_dir: Path,
+                    dev: torch.device, progress: bool = True) -> torch.Tensor:
+    """`s.sampled_count` scaled latents from the Bundle's sampler on the training captions (in turn), made once
+    by the main process and cached in `work_dir`: every process, and every resumed call, reads the same file."""
+    cache = Path(work_dir) / SAMPLED_FILE
+    if not cache.is_file() and distributed.is_main():
+        captions = caption_set()
+        bundle.unet.to(dev).eval()
+        components = CachedTextComponents(bundle, dict(zip(captions, data.states)), dev)
+        prompts = [captions[1 + i % (len(captions) - 1)] for i in range(s.sampled_count)]
+        latents = torch.cat([z.float().cpu() for z in latent_batches(bundle, prompts, sample_config(bundle, s),
+                                                                         components, progress)])
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        save_file({"latents": latents.contiguous()}, str(tmp))
+        os.replace(tmp, cache)
+    distributed.barrier()
+    return load_file(str(cache))["latents"].to(dev)
+
+
+@dataclass
+class LightDecoderRun:
+    """A built light-decoder run: the trainer, its step, the batch draw it trains on, and the light VAE."""
+
+    trainer: Trainer
+    step: Callable[[StepContext], None]
+    draw: Callable[[torch.Generator], torch.Tensor]
+    tiny: diffusers.AutoencoderTiny
+
+
 def build_light_decoder(bundle: Bundle, s: LightDecoderPass.Settings, work_dir: Path, dev: torch.device,
-                        deadline: float | None = None, progress: bool = True
-                        ) -> tuple[Trainer, object, diffusers.AutoencoderTiny]:
-    """The trainer, its step function and the light VAE it trains (the pass and the tests run it)."""
+                        deadline: float | None = None, progress: bool = True) -> LightDecoderRun:
+    """Everything a light-decoder run needs, ready for `trainer.fit(step)` (the pass and the tests run it)."""
     teacher_vae = bundle.vae.to(dev).eval().requires_grad_(False)
     data = load_latent_data(bundle, work_dir, dev, s.data_limit)
+    sampled = sampled_latents(bundle, data, s, work_dir, dev, progress) if s.sampled_share > 0 else None
+    n_sampled = round(s.sampled_share * s.batch_size) if sampled is not None else 0
+
+    def draw(g: torch.Generator) -> torch.Tensor:
+        """A global batch of scaled latents: encoded ones first, then `n_sampled` from the sampler's cache."""
+        z = data.sample(g, s.batch_size - n_sampled)[0]
+        if not n_sampled:
+            return z
+        return torch.cat([z, sampled[torch.randint(len(sampled), (n_sampled,), generator=g, device=dev)]])
+
     tiny = start_light_vae(teacher_vae, s).to(dev).requires_grad_(True)
     torch.manual_seed(s.seed + 1)
     critic = PatchDiscriminator(teacher_vae.config.out_channels).to(dev)
@@ -158,8 +222,7 @@ def build_light_decoder(bundle: Bundle, s: LightDecoderPass.Settings, work_dir: 
     scale = float(teacher_vae.config.scaling_factor)
 
     def step(c: StepContext) -> None:
-        z, _, _, _ = data.sample(c.generator, s.batch_size)
-        z = c.shard(z)
+        z = c.shard(draw(c.generator))
         with torch.no_grad(), autocast(dev):
             target = teacher_vae.decode(z / scale).sample.float().clamp(-1, 1)
         with autocast(dev):
@@ -178,4 +241,4 @@ def build_light_decoder(bundle: Bundle, s: LightDecoderPass.Settings, work_dir: 
             c.metrics["critic"] = critic_loss.detach()
         c.metrics.update(loss=loss.detach(), reconstruction=rec.detach(), encoder=enc.detach())
 
-    return trainer, step, tiny
+    return LightDecoderRun(trainer, step, draw, tiny)
