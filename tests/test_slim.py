@@ -264,6 +264,7 @@ QUICK = "iterations = 1\ndata_limit = 4\nbatch_size = 2"  # if a check ever let 
     ("{deep}", 'name = "remove-blocks"\npreset = "small"\nremove = ["mid_block"]', "exactly one of"),
     ("{deep}", f'name = "light-decoder"\nlatent_channels = 8\n{QUICK}', "latents have 4 channels"),
     ("{deep}", f'name = "light-decoder"\nblocks = [3, 3, 1]\n{QUICK}', "one count per level"),
+    ("{deep}", f'name = "light-decoder"\nsampled_share = 0.1\n{QUICK}', "is no latent at all"),
 ])
 def test_bad_slimming_input_exits_2_with_one_line(run_cli, deep_teacher, tmp_path, model, table, message):
     recipe = tmp_path / "bad.toml"

@@ -145,6 +145,9 @@ class LightDecoderPass:
                               f"{type(bundle.vae).__name__} (already light?)")
         check_light_start(bundle.vae, s.init, s.latent_channels)
         light_vae_config(bundle.vae, s.width, s.blocks)
+        if s.sampled_share > 0 and round(s.sampled_share * s.batch_size) == 0:
+            raise ConfigError(f"sampled_share {s.sampled_share:g} of a batch of {s.batch_size} is no latent at all: "
+                              "raise it (or the batch size), or set it to 0")
         if s.sampled_share > 0:
             sample_config(bundle, s)
 
