@@ -53,6 +53,10 @@ class GateError(PocketdiffError):
     exit_code = 1
 
 
+class RuntimeFailure(PocketdiffError):
+    """A runtime that loaded an artifact but failed while running it (a broken lowering, not bad input)."""
+
+
 class Unfinished(PocketdiffError):
     """A run that stopped at its time limit with a stage unfinished; rerunning resumes it."""
 

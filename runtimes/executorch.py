@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import CorruptFileError, InputPathError, ShapeError
+from ..errors import CorruptFileError, InputPathError, RuntimeFailure, ShapeError
 from ..export.base import Artifact
 from .base import register_runtime
 
@@ -102,7 +102,12 @@ class ExecutorchSession:
         batch = tensors[0].shape[0]
         outs: list[list[torch.Tensor]] = []
         for start in range(0, batch, chunk):
-            result = method.execute([t[start:start + chunk].contiguous() for t in tensors])
+            try:
+                result = method.execute([t[start:start + chunk].contiguous() for t in tensors])
+            except Exception as e:  # the runtime raises a bare RuntimeError with an error code
+                raise RuntimeFailure(f"{self.path}: ExecuTorch failed running method {name} on inputs "
+                                     f"{[list(t.shape) for t in tensors]} ({str(e).strip()[:200]}); the program "
+                                     "was lowered wrongly: re-export it, and report it if it fails again") from e
             outs.append([r.clone() for r in result])
         return {n: torch.cat([o[i] for o in outs]).numpy() for i, n in enumerate(self.output_order)}
 

@@ -105,6 +105,22 @@ def test_shape_outside_export_is_shape_error(tiny, exported):
         session.run({})
 
 
+def test_a_method_that_fails_while_running_is_a_runtime_failure(exported, monkeypatch):
+    from pocketdiff.errors import RuntimeFailure
+
+    aset, folder = exported["vae_decoder"]
+    session = open_session(aset.find("executorch", "vae_decoder"), folder)
+
+    class Broken:
+        def execute(self, inputs):
+            raise RuntimeError("Attempted to resize a static tensor")
+
+    monkeypatch.setattr(session, "method", lambda name: Broken())
+    with pytest.raises(RuntimeFailure, match="failed running method .* resize a static tensor") as e:
+        session.run({"latent_sample": np.zeros((1, 4, 8, 8), np.float32)})
+    assert e.value.exit_code == 1
+
+
 def test_corrupt_and_missing_files(exported, tmp_path):
     aset, folder = exported["vae_decoder"]
     artifact = aset.find("executorch", "vae_decoder")
