@@ -142,10 +142,11 @@ def main() -> None:
         report.setdefault("student_negative_prompt", {})[label] = negative_prompt_effect(
             student, comps, yard, SampleConfig(**{**own.__dict__, "guidance_scale": g_best}), args.negative_samples)
         save()
-    print(f"\n{'cell':<56}{'FID':>8}{'KID':>9}{'acc':>7}{'PSNR':>7}{'SSIM':>7}")
+    print(f"\n{'cell':<56}{'FID':>8}{'KID':>9}{'acc':>7}{'prec':>7}{'recall':>7}{'PSNR':>7}{'SSIM':>7}")
     for r in report["cells"]:
-        print(f"{r['name']:<56}{r['fid']:>8.2f}{r['kid']:>9.4f}{r['prompt_accuracy']:>7.3f}"
-              f"{r.get('psnr_to_teacher', float('nan')):>7.2f}{r.get('ssim_to_teacher', float('nan')):>7.3f}")
+        print(f"{r['name']:<56}{r['fid']:>8.2f}{r['kid']:>9.4f}{r['prompt_accuracy']:>7.3f}{r['precision']:>7.3f}"
+              f"{r['recall']:>7.3f}{r.get('psnr_to_teacher', float('nan')):>7.2f}"
+              f"{r.get('ssim_to_teacher', float('nan')):>7.3f}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import io
 import os
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,8 @@ from .errors import ConfigError
 from .fileio import atomic_write_bytes
 from .metrics.classifier import FashionClassifier, load_classifier, prompt_accuracy
 from .metrics.agreement import psnr, ssim
-from .metrics.fid import fid_from_features, inception_features, inception_path, kid, load_inception
+from .metrics.fid import (fid_from_features, inception_features, inception_path, kid, knn_radii, load_inception,
+                          precision_recall)
 from .sampler import Components, SampleConfig, as_saved, generate
 from .vae import encode_latents
 
@@ -74,6 +76,11 @@ class Yardstick:
     classifier: FashionClassifier
     reference: np.ndarray
 
+    @cached_property
+    def reference_radii(self) -> torch.Tensor:
+        """The reference features' 3-NN radii, computed once for every score."""
+        return knn_radii(self.reference)
+
     @classmethod
     def load(cls, device: str | torch.device = "cpu", reference_n: int | None = None,
              data_root: Path | None = None, classifier: Path | None = None) -> Yardstick:
@@ -82,13 +89,16 @@ class Yardstick:
                    reference_features("test", net, reference_n, data_root))
 
     def score(self, images: torch.Tensor, labels: list[int] | None = None) -> dict:
-        """FID, KID and (given labels) prompt accuracy of images [N, 3, H, W] in [0, 1], scored as the
-        8-bit PNGs a user saves (`sampler.as_saved`), so the figures hold for the files people keep."""
+        """FID, KID, precision/recall (k = 3) and (given labels) prompt accuracy of images [N, 3, H, W] in
+        [0, 1], scored as the 8-bit PNGs a user saves (`sampler.as_saved`), so the figures hold for the files
+        people keep."""
         images = as_saved(images)
         feats = inception_features(images, self.inception)
         kid_mean, kid_std = kid(feats, self.reference, subset_size=min(1000, len(feats)))
         out = {"samples": len(images), "reference_samples": len(self.reference),
                "fid": fid_from_features(feats, self.reference), "kid": kid_mean, "kid_std": kid_std}
+        if len(feats) > 3:
+            out["precision"], out["recall"] = precision_recall(self.reference, feats, real_radii=self.reference_radii)
         if labels is not None:
             out["prompt_accuracy"] = prompt_accuracy(self.classifier, images, labels)
         return out

@@ -11,7 +11,7 @@ import torch
 from pocketdiff.data import load_fashion_mnist
 from pocketdiff.metrics.agreement import psnr, ssim
 from pocketdiff.metrics.classifier import load_classifier, prompt_accuracy
-from pocketdiff.metrics.fid import fid_from_features, kid
+from pocketdiff.metrics.fid import fid_from_features, kid, knn_radii, precision_recall
 from pocketdiff.sampler import SampleConfig, generate
 from pocketdiff.zoo import load_fashion
 
@@ -51,3 +51,17 @@ def test_eval_cli_reports_fid_floor_and_labels_quick_checks(tmp_path):
     r = json.loads(out.stdout)
     assert r["samples"] == 4 and r["reference_samples"] == 8 and r["quick_check"] is True
     assert r["fid"] > 0 and r["floor"]["samples"] == 4 and 0 <= r["prompt_accuracy"] <= 1
+
+
+def test_precision_recall_separates_fidelity_from_diversity():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(600, 8))
+    same = rng.normal(size=(600, 8))
+    collapsed = real[:20] + rng.normal(scale=1e-3, size=(20, 8))  # a few modes, copied closely
+    far = rng.normal(loc=20.0, size=(600, 8))
+    p, r = precision_recall(real, same)
+    assert p > 0.8 and r > 0.8
+    p, r = precision_recall(real, np.repeat(collapsed, 30, axis=0))
+    assert p == 1.0 and r < 0.2  # every sample is real-looking, most of the real set is missed
+    assert precision_recall(real, far) == (0.0, 0.0)
+    assert precision_recall(real, same, real_radii=knn_radii(real)) == precision_recall(real, same)

