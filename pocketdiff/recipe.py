@@ -62,8 +62,37 @@ def builtin_recipes() -> dict[str, Path]:
     return {p.stem: p for p in sorted((Path(__file__).parent / "recipes").glob("*.toml"))}
 
 
-def load_recipe(spec: str | Path) -> Recipe:
-    """Read a recipe from a TOML file or a built-in recipe name; every setting is checked here."""
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """`PASS.KEY=VALUE` (PASS: a pass name or its 1-based number; VALUE: TOML, or else a bare string)."""
+    target, eq, value = text.partition("=")
+    where, dot, key = target.strip().rpartition(".")
+    if not eq or not dot or not where or not key:
+        raise RecipeError(f"--set {text!r}: write PASS.KEY=VALUE, e.g. dmd.gan_weight=0 or 2.dtype=float16")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return where, key.strip(), parsed
+
+
+def _apply_overrides(path: Path, tables: list[dict], overrides: list[str]) -> None:
+    for text in overrides:
+        where, key, value = parse_override(text)
+        if where.isdigit():
+            hits = [int(where) - 1] if 0 < int(where) <= len(tables) else []
+        else:
+            hits = [i for i, t in enumerate(tables) if t.get("name") == where]
+        if len(hits) != 1:
+            raise RecipeError(f"--set {text!r}: {path.name} has {'no' if not hits else len(hits)} pass {where!r} "
+                              f"(its passes: {', '.join(str(t.get('name')) for t in tables)}; number them to pick one)")
+        if key == "name":
+            raise RecipeError(f"--set {text!r}: a pass's name cannot be overridden")
+        tables[hits[0]][key] = value
+
+
+def load_recipe(spec: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe from a TOML file or a built-in recipe name, with `--set PASS.KEY=VALUE` overrides
+    (ablations and resized runs without a copied recipe file); every setting is checked here."""
     path = builtin_recipes().get(str(spec), Path(spec))
     if not path.is_file():
         raise RecipeError(f"{spec}: no such recipe file; built-in recipes: {', '.join(builtin_recipes())}")
@@ -80,6 +109,8 @@ def load_recipe(spec: str | Path) -> Recipe:
     tables = data.get("pass", [])
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise RecipeError(f"{path}: pass must be an array of tables ([[pass]] with a name each)")
+    tables = [dict(t) for t in tables]
+    _apply_overrides(path, tables, overrides or [])
     stages = []
     for i, table in enumerate(tables):
         table = dict(table)

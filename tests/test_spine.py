@@ -91,6 +91,20 @@ def test_recipe_rejects_unknown_pass_and_setting(tmp_path):
         load_recipe(r)
 
 
+def test_recipe_overrides_set_typed_settings_by_pass_name_or_number():
+    r = load_recipe("fashion-1step", ["dmd.gan_weight=0", "dmd.iterations=37", "2.dtype=bfloat16"])
+    assert r.stages[0].settings.gan_weight == 0.0 and r.stages[0].settings.iterations == 37
+    assert r.stages[1].settings.dtype == "bfloat16"
+    assert load_recipe("fashion-1step").stages[0].settings.iterations != 37  # the file is untouched
+    for bad, match in [("dmd.critic_updates=0", "critic_updates"), ("dmd.gan_weight=-1", "gan_weight"),
+                       ("cast.colour=1", "no setting"), ("nope.x=1", "no pass 'nope'"), ("gan_weight=0", "PASS.KEY"),
+                       ("9.x=1", "no pass '9'"), ("dmd.name=cast", "name cannot")]:
+        with pytest.raises(RecipeError, match=match):
+            load_recipe("fashion-1step", [bad])
+    with pytest.raises(RecipeError, match="2 pass 'cast'"):
+        load_recipe("fashion-4step", ["cast.dtype=float32"])
+
+
 def test_cli_bad_input_is_one_line_exit_2(tmp_path):
     p = subprocess.run([sys.executable, "-m", "pocketdiff", "info", str(tmp_path / "nope")],
                        capture_output=True, text=True)

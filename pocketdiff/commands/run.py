@@ -19,6 +19,8 @@ def _run(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--time-limit", type=float, default=None,
                    help="seconds after which a training stage stops resumably (exit 75: run again to resume)")
     p.add_argument("--overwrite", action="store_true", help="reuse an --out folder that is not a pocketdiff run")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PASS.KEY=VALUE",
+                   help="override a pass setting (PASS: its name or 1-based number; VALUE in TOML), repeatable")
 
     def run(args: argparse.Namespace) -> None:
         import sys
@@ -30,7 +32,7 @@ def _run(p: argparse.ArgumentParser) -> Handler:
         from ..recipe import load_recipe
         from ..runner import RUN_FILE, RunOptions, run_recipe
 
-        recipe = load_recipe(args.recipe)
+        recipe = load_recipe(args.recipe, args.overrides)
         out = prepare_output_dir(args.out or Path("runs") / Path(recipe.source).stem, RUN_FILE,
                                  overwrite=args.overwrite)
         options = RunOptions(device=distributed.setup(resolve_device(args.device)), time_limit_s=args.time_limit,
