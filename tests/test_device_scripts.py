@@ -8,6 +8,7 @@ copy holds between runs, as the device tool does. No GPU: lib.sh must say so and
 
 from __future__ import annotations
 
+import json
 import hashlib
 import lzma
 import os
@@ -42,6 +43,10 @@ if [ "$1 $2 $3" = "-m pocketdiff run" ]; then
   echo {{}} > "$out/01-cast/pocketdiff.json"; echo {{}} > "$out/01-cast/stage.json"; echo {{}} > "$out/01-cast/unet_log.jsonl"
   echo '{{"stages": [{{"folder": "01-cast"}}]}}' > "$out/run.json"
   echo "stub run: $*"
+  exit "${{STUB_RC:-0}}"
+fi
+if [ "$1 $2" = "-m accelerate.commands.launch" ]; then
+  echo "stub launch: $*"
   exit "${{STUB_RC:-0}}"
 fi
 exec {sys.executable} "$@"
@@ -215,9 +220,13 @@ def test_pd_out_keeps_to_what_comes_back(host: Host):
 
 
 @pytest.mark.parametrize("args", ["", "default run1", "default run1 10 extra", "nosuchrecipe run1 10",
-                                  "default a/b 10", "default .. 10", "default run1 0", "default run1 1.5"])
+                                  "default a/b 10", "default .. 10", "default run1 0", "default run1 1.5",
+                                  "default run1 10 --set", "default run1 10 --set a.b=1 x",
+                                  "PD_LAUNCH=torchrun default run1 10", "PD_LAUNCH=accelerate PD_PROCS=0 default run1 10"])
 def test_recipe_argument_errors_print_usage(host: Host, args: str):
-    r = host.bash(f"scripts/device/jobs/recipe.sh {args}")
+    env = " ".join(w for w in args.split() if w.startswith("PD_"))
+    args = " ".join(w for w in args.split() if not w.startswith("PD_"))
+    r = host.bash(f"env {env} scripts/device/jobs/recipe.sh {args}")
     assert r.returncode == 2 and "usage: scripts/device/jobs/recipe.sh RECIPE RUN_DIR SECONDS" in r.stderr
     assert not (host.machine / "pd").exists()  # refused before touching the machine
 
@@ -245,6 +254,13 @@ def test_recipe_cold_unfinished_finished(host: Host):
                      "run1/01-cast/unet_log.jsonl", "run1/01-cast/vae/config.json", "run1/run.json"]
     log = (host.machine / "pd" / "runs" / "run1.log").read_text()
     assert log.count("stub run: -m pocketdiff run default --out") == 2 and "--device cuda --time-limit 60" in log
+
+    r = host.bash("PD_LAUNCH=accelerate PD_PROCS=2 scripts/device/jobs/recipe.sh default run3 60 --set cast.dtype=float16",
+                  STUB_RC="75")
+    assert r.returncode == 75 and "[run3] UNFINISHED" in r.stdout
+    log = (host.machine / "pd" / "runs" / "run3.log").read_text()
+    assert ("stub launch: -m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision "
+            "no --dynamo_backend no -m pocketdiff run default --set cast.dtype=float16 --out") in log
 
 
 def test_bench_tees_its_log_and_keeps_the_status(host: Host):
@@ -292,7 +308,7 @@ def test_wait_returns_75_while_a_detached_job_runs(host: Host):
 
 
 def test_pack_stages_brings_fp16_unets_and_logs_and_skips_missing_stages(host: Host):
-    from diffusers import UNet2DConditionModel
+    from diffusers import AutoencoderTiny, UNet2DConditionModel
 
     host.warm()
     stage = host.machine / "pd" / "runs" / "prog" / "01-guided-distill"
@@ -306,16 +322,23 @@ def test_pack_stages_brings_fp16_unets_and_logs_and_skips_missing_stages(host: H
     (stage / "guided-distill_log.jsonl").write_text("{}\n")
     (stage.parent / "run.json").write_text("{}")
     (stage.parent.parent / "prog.log").write_text("log\n")
-    r = host.bash(f"scripts/device/jobs/pack_stages.sh students {stage} {stage.parent / '02-progressive'}")
+    slim = host.machine / "pd" / "runs" / "slim" / "03-light-decoder"
+    shutil.copytree(stage / "unet", slim / "unet")
+    AutoencoderTiny(encoder_block_out_channels=(4,), decoder_block_out_channels=(4,), num_encoder_blocks=(1,),
+                    num_decoder_blocks=(1,), latent_channels=4).save_pretrained(slim / "vae")
+    r = host.bash(f"scripts/device/jobs/pack_stages.sh students {stage} {stage.parent / '02-progressive'} {slim}")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "skipped" in r.stdout and "packed 1 stages" in r.stdout
+    assert "skipped" in r.stdout and "packed 2 stages" in r.stdout and "(U-Net and light decoder fp16)" in r.stdout
     with tarfile.open(host.out / "students.tar") as t:
         names = set(t.getnames())
         t.extractall(host.out / "x")
     assert {"prog/01-guided-distill/pocketdiff.json", "logs/runs/prog.log", "logs/runs/prog/run.json",
             "logs/runs/prog/01-guided-distill/guided-distill_log.jsonl"} <= names
     weights = load_file(host.out / "x" / "prog" / "01-guided-distill" / "unet" / "diffusion_pytorch_model.safetensors")
-    assert not any("vae" in n for n in names) and {w.dtype for w in weights.values()} == {torch.float16}
+    assert not any(n.startswith("prog/") and "vae" in n for n in names)
+    assert {w.dtype for w in weights.values()} == {torch.float16}
+    light = load_file(host.out / "x" / "slim" / "03-light-decoder" / "vae" / "diffusion_pytorch_model.safetensors")
+    assert {w.dtype for w in light.values()} == {torch.float16}
 
 
 def test_leave_out_keeps_paths_from_the_carried_tree_and_restores_them(tmp_path: Path):
@@ -340,3 +363,18 @@ def test_leave_out_keeps_paths_from_the_carried_tree_and_restores_them(tmp_path:
     r = run("--restore")
     assert r.returncode == 0 and git("status", "--porcelain") == ""
     assert "w/student/big.bin" in git("ls-files").split() and run("--restore").stdout.startswith("leave_out: nothing")
+
+
+def test_plan_recipes_sizes_passes_from_a_probe_run(tmp_path: Path):
+    def log(folder: Path, rows: list[tuple[int, float]]) -> None:
+        folder.mkdir(parents=True)
+        (folder / "x_log.jsonl").write_text("".join(json.dumps({"step": s, "elapsed_s": e}) + "\n" for s, e in rows))
+
+    log(tmp_path / "01-recover", [(10, 30.0), (20, 35.0), (30, 40.0)])  # finished stage: 0.5 s/step
+    log(tmp_path / ".work" / "02-light-decoder-abc", [(5, 1.0), (15, 3.0)])  # unfinished: 0.2 s/step
+    plan = [sys.executable, str(DEVICE / "plan_recipes.py")]
+    r = subprocess.run([*plan, "100", str(tmp_path), "recover:3", "light-decoder"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["--set", "recover.iterations=150", "--set", "light-decoder.iterations=125"]
+    r = subprocess.run([*plan, "100", str(tmp_path), "dmd"], capture_output=True, text=True)
+    assert r.returncode == 1 and "0 log line(s) of pass 'dmd'" in r.stderr

@@ -1,40 +1,48 @@
-"""Size GPU recipes to the time a session has: iterations from the measured LCM step time.
+"""Size GPU runs to the time left, from a short probe of the same jobs run side by side.
 
-Reads bench/distill_throughput.py's JSON, takes the fastest mode that ran at the recipe's batch,
-and writes each recipe with `iterations` = what fits in TRAIN_SECONDS when `share` processes run
-side by side (each then gets about 1/share of the GPU), and `compile` / `teacher_bf16` set to that mode's.
-Usage: python3 scripts/device/plan_recipes.py THROUGHPUT_JSON TRAIN_SECONDS SHARE OUT_DIR RECIPE...
+A probe run (scripts/device/jobs/recipe.sh with a short SECONDS) logs every training stage's steps
+with their elapsed time (`*_log.jsonl`: in the stage folder once finished, in .work/ until then).
+This reads the seconds per step of each PASS named, between its first and last log lines (so model
+loading and the first, slow steps do not count), and prints `pocketdiff run` flags,
+`--set PASS.iterations=N ...`, that make those passes together fit in SECONDS, each its SHARE
+(default: equal shares). The jobs must run beside the same others as in the probe: the rate holds
+for that load (it only improves as jobs end).
+Usage: python3 scripts/device/plan_recipes.py SECONDS PROBE_RUN_DIR PASS[:SHARE]...
 """
 
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from distill_throughput import MODES  # noqa: E402  (the bench's mode -> settings table)
+
+def seconds_per_step(run_dir: Path, pass_name: str) -> float:
+    """The pass's logged seconds per step in a probe run folder; SystemExit when it logged too little."""
+    logs = sorted(run_dir.glob(f"[0-9][0-9]-{pass_name}/*_log.jsonl")) + \
+        sorted(run_dir.glob(f".work/[0-9][0-9]-{pass_name}-*/*_log.jsonl"))
+    rows = [json.loads(line) for f in logs[:1] for line in f.read_text().splitlines() if line.strip()]
+    if len(rows) < 2 or rows[-1]["step"] <= rows[0]["step"]:
+        raise SystemExit(f"plan_recipes: {run_dir} has {len(rows)} log line(s) of pass {pass_name!r}: probe longer "
+                         "or log more often (--set PASS.log_every=N)")
+    return (rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]) / (rows[-1]["step"] - rows[0]["step"])
 
 
-def main() -> None:
-    rows_file, seconds, share, out, *recipes = sys.argv[1:]
-    rows = [r for r in json.loads(Path(rows_file).read_text()) if "s_per_step" in r]
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for recipe in map(Path, recipes):
-        text = recipe.read_text()
-        batch = int(re.search(r"^batch_size = (\d+)$", text, re.M).group(1))
-        best = min((r for r in rows if r["batch"] == batch), key=lambda r: r["s_per_step"])
-        iterations = int(float(seconds) / (best["s_per_step"] * float(share)))
-        text = re.sub(r"^iterations = \d+$", f"iterations = {iterations}", text, flags=re.M)
-        mode = MODES[best["mode"]]
-        text = re.sub(r'^compile = "[^"]*"$', f'compile = "{mode["compile"]}"', text, flags=re.M)
-        text = re.sub(r"^teacher_bf16 = \w+$", f"teacher_bf16 = {str(mode['teacher_bf16']).lower()}", text, flags=re.M)
-        (out_dir / recipe.name).write_text(text)
-        print(f"{recipe.name}: mode {best['mode']} {best['s_per_step']:.4f} s/step at batch {batch}, "
-              f"share {share} -> iterations {iterations}")
+def main(argv: list[str]) -> None:
+    if len(argv) < 3:
+        raise SystemExit(__doc__.strip().splitlines()[-1])
+    seconds, run_dir, specs = float(argv[0]), Path(argv[1]), argv[2:]
+    shares = {name: float(share or 1) for name, _, share in (s.partition(":") for s in specs)}
+    total = sum(shares.values())
+    flags = []
+    for name, share in shares.items():
+        rate = seconds_per_step(run_dir, name)
+        steps = max(1, int(seconds * share / total / rate))
+        print(f"{run_dir.name}: {name} {rate:.3f} s/step -> {steps} steps in {seconds * share / total:.0f} s",
+              file=sys.stderr)
+        flags += ["--set", f"{name}.iterations={steps}"]
+    print(" ".join(flags))
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
