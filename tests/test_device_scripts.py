@@ -259,7 +259,7 @@ def test_recipe_cold_unfinished_finished(host: Host):
                   STUB_RC="75")
     assert r.returncode == 75 and "[run3] UNFINISHED" in r.stdout
     log = (host.machine / "pd" / "runs" / "run3.log").read_text()
-    assert ("stub launch: -m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision "
+    assert ("stub launch: -m accelerate.commands.launch --num_processes 2 --num_machines 1 --mixed_precision "
             "no --dynamo_backend no -m pocketdiff run default --set cast.dtype=float16 --out") in log
 
 

@@ -13,7 +13,7 @@ usage() {
   echo "  RUN_DIR  a name (letters, digits, . _ -): the run folder is /tmp/pd/runs/RUN_DIR" >&2
   echo "  SECONDS  time limit of this call's share; exit 75 means unfinished: call again to resume" >&2
   echo "  --set    pocketdiff run's setting overrides (an ablation, a resized run), passed on as given" >&2
-  echo "  PD_LAUNCH=accelerate runs it through 'accelerate launch --multi_gpu --num_processes \$PD_PROCS'" >&2
+  echo "  PD_LAUNCH=accelerate runs it through 'accelerate launch --num_processes \$PD_PROCS'" >&2
   echo "  (default 1): the multi-GPU command line, on however many GPUs the machine has" >&2
   exit 2
 }
@@ -31,7 +31,7 @@ case ${PD_LAUNCH:-python} in
   python) launch=(python3 -m pocketdiff) ;;
   accelerate)
     [[ ${PD_PROCS:-1} =~ ^[1-9][0-9]*$ ]] || usage "PD_PROCS '${PD_PROCS}' is not a positive whole number"
-    launch=(python3 -m accelerate.commands.launch --multi_gpu --num_processes "${PD_PROCS:-1}" --num_machines 1
+    launch=(python3 -m accelerate.commands.launch --num_processes "${PD_PROCS:-1}" --num_machines 1
       --mixed_precision no --dynamo_backend no -m pocketdiff) ;;
   *) usage "PD_LAUNCH '$PD_LAUNCH' is neither python nor accelerate" ;;
 esac
