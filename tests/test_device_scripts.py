@@ -40,7 +40,7 @@ if [ "$1 $2 $3" = "-m pocketdiff run" ]; then
   mkdir -p "$out/01-cast/unet" "$out/01-cast/vae"
   echo w > "$out/01-cast/unet/diffusion_pytorch_model.safetensors"; echo {{}} > "$out/01-cast/unet/config.json"
   echo w > "$out/01-cast/vae/diffusion_pytorch_model.safetensors"; echo {{}} > "$out/01-cast/vae/config.json"
-  echo {{}} > "$out/01-cast/pocketdiff.json"; echo {{}} > "$out/01-cast/stage.json"; echo {{}} > "$out/01-cast/unet_log.jsonl"
+  echo {{}} > "$out/01-cast/pocketdiff.json"; echo {{}} > "$out/01-cast/stage.json"; printf '{{"step": 1, "elapsed_s": 1.0}}\n{{"step": 11, "elapsed_s": 3.0}}\n' > "$out/01-cast/unet_log.jsonl"
   echo '{{"stages": [{{"folder": "01-cast"}}]}}' > "$out/run.json"
   echo "stub run: $*"
   exit "${{STUB_RC:-0}}"
@@ -373,8 +373,36 @@ def test_plan_recipes_sizes_passes_from_a_probe_run(tmp_path: Path):
     log(tmp_path / "01-recover", [(10, 30.0), (20, 35.0), (30, 40.0)])  # finished stage: 0.5 s/step
     log(tmp_path / ".work" / "02-light-decoder-abc", [(5, 1.0), (15, 3.0)])  # unfinished: 0.2 s/step
     plan = [sys.executable, str(DEVICE / "plan_recipes.py")]
-    r = subprocess.run([*plan, "100", str(tmp_path), "recover:3", "light-decoder"], capture_output=True, text=True)
+    r = subprocess.run([*plan, "100", str(tmp_path), "recover:0.6", "light-decoder"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["--set", "recover.iterations=150", "--set", "light-decoder.iterations=125"]
+    assert r.stdout.split() == ["--set", "recover.iterations=120", "--set", "light-decoder.iterations=200"]
+    r = subprocess.run([*plan, "100", str(tmp_path), "recover:0.5", "light-decoder:0.3"], capture_output=True, text=True)
+    assert r.stdout.split() == ["--set", "recover.iterations=100", "--set", "light-decoder.iterations=150"]
+    r = subprocess.run([*plan, "100", str(tmp_path), "recover:1", "light-decoder"], capture_output=True, text=True)
+    assert r.returncode == 1 and "leave 0.00 of the time" in r.stderr
     r = subprocess.run([*plan, "100", str(tmp_path), "dmd"], capture_output=True, text=True)
     assert r.returncode == 1 and "0 log line(s) of pass 'dmd'" in r.stderr
+
+
+def test_sized_probes_side_by_side_then_detaches_runs_sized_from_the_probes(host: Host, tmp_path: Path):
+    host.warm()
+    data = host.machine / "pd" / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    for f in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte.gz", "captions.safetensors"):
+        (data / f).write_text("x")
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("# name recipe size args\n"
+                    "a default cast --probe-set cast.x=1\n"
+                    "b default =a --set cast.dtype=float16 PD_LAUNCH=accelerate\n"
+                    "c default nope\n")
+    r = host.bash(f"scripts/device/jobs/sized.sh 5 100 200 {jobs} && scripts/device/jobs/wait.sh 30 1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "[a] recipe.sh default a 200 --set cast.iterations=500" in r.stdout  # 0.2 s/step from the probe's log
+    assert "[b] PD_LAUNCH=accelerate recipe.sh default b 200 --set cast.dtype=float16 --set cast.iterations=500" in r.stdout
+    assert "[c] NOT STARTED: its probe gave no rate" in r.stdout
+    runs = host.machine / "pd" / "runs"
+    assert "--set cast.x=1 --set cast.log_every=5" in (runs / "probe-a.log").read_text()
+    assert "--set cast.x=1" not in (runs / "a.log").read_text()
+    assert "accelerate.commands.launch --num_processes 1" in (runs / "b.log").read_text()
+    r = host.bash(f"echo 'd default' > {jobs} && scripts/device/jobs/sized.sh 5 100 200 {jobs}")
+    assert r.returncode == 2 and "needs NAME RECIPE SIZE" in r.stderr

@@ -4,9 +4,11 @@ A probe run (scripts/device/jobs/recipe.sh with a short SECONDS) logs every trai
 with their elapsed time (`*_log.jsonl`: in the stage folder once finished, in .work/ until then).
 This reads the seconds per step of each PASS named, between its first and last log lines (so model
 loading and the first, slow steps do not count), and prints `pocketdiff run` flags,
-`--set PASS.iterations=N ...`, that make those passes together fit in SECONDS, each its SHARE
-(default: equal shares). The jobs must run beside the same others as in the probe: the rate holds
-for that load (it only improves as jobs end).
+`--set PASS.iterations=N ...`, that make those passes together fit in SECONDS: each its SHARE, a
+fraction of SECONDS (passes without one split what the others leave equally; shares summing below 1
+leave time for work that is not training steps, such as a pass drawing its sampled latents). The jobs
+must run beside the same others as in the probe: the rate holds for that load (it only improves as
+jobs end).
 Usage: python3 scripts/device/plan_recipes.py SECONDS PROBE_RUN_DIR PASS[:SHARE]...
 """
 
@@ -32,14 +34,17 @@ def main(argv: list[str]) -> None:
     if len(argv) < 3:
         raise SystemExit(__doc__.strip().splitlines()[-1])
     seconds, run_dir, specs = float(argv[0]), Path(argv[1]), argv[2:]
-    shares = {name: float(share or 1) for name, _, share in (s.partition(":") for s in specs)}
-    total = sum(shares.values())
+    given = {name: float(share) for name, _, share in (s.partition(":") for s in specs) if share}
+    rest = [name for name, _, share in (s.partition(":") for s in specs) if not share]
+    left = 1.0 - sum(given.values())
+    if left < -1e-9 or (rest and left <= 0):
+        raise SystemExit(f"plan_recipes: shares {given} leave {left:.2f} of the time for {rest or 'nothing'}")
+    shares = {**given, **{name: left / len(rest) for name in rest}}
     flags = []
     for name, share in shares.items():
         rate = seconds_per_step(run_dir, name)
-        steps = max(1, int(seconds * share / total / rate))
-        print(f"{run_dir.name}: {name} {rate:.3f} s/step -> {steps} steps in {seconds * share / total:.0f} s",
-              file=sys.stderr)
+        steps = max(1, int(seconds * share / rate))
+        print(f"{run_dir.name}: {name} {rate:.3f} s/step -> {steps} steps in {seconds * share:.0f} s", file=sys.stderr)
         flags += ["--set", f"{name}.iterations={steps}"]
     print(" ".join(flags))
 
