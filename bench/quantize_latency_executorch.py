@@ -15,28 +15,21 @@ U-Net output's relative L2 against fp32, and for int8 the gate's figures.
 from __future__ import annotations
 
 import argparse
-import datetime
 import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from pocketdiff.compress.quantize.calibration import record_calibration
 from pocketdiff.compress.quantize.spec import make_spec
 from pocketdiff.errors import GateError
 from pocketdiff.export.base import ArtifactSet, ExportOptions, export_bundle
-from pocketdiff.export.components import example_inputs
 from pocketdiff.export.executorch_quantize import outside_delegate
 from pocketdiff.export.quantize import Quantization, QuantizeExport, check_quantization
-from pocketdiff.runtimes.base import open_session
-from pocketdiff.runtimes.harness import FALLBACK
-from pocketdiff.runtimes.profiler import compare_latency, speedup
+from pocketdiff.runtimes.profiler import speedup
 from pocketdiff.runtimes.quantize_gate import QuantizationGate
-from pocketdiff.sampler import SampleConfig
 from pocketdiff.sources import load_model
-from quantize_latency import cpu_model
+from quantize_latency import recorded_calibration, rel_l2, time_unets
 
 COMPONENTS = ("unet",)
 
@@ -50,11 +43,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)  # torch only draws the reference images; ExecuTorch's XNNPACK keeps its defaults
     bundle = load_model(args.model)
-    print(f"{datetime.datetime.now():%Y-%m-%d %H:%M}  {cpu_model()}  model {args.model}", flush=True)
-    calibration = record_calibration(bundle, SampleConfig.for_bundle(bundle, fallback=FALLBACK))
-    print(f"calibration: {calibration.calls} U-Net calls over {len(calibration.meta['prompts'])} prompts "
-          f"({calibration.meta['scheduler']} {calibration.meta['steps']} steps, guidance "
-          f"{calibration.meta['guidance_scale']}, seed {calibration.meta['seed']})", flush=True)
+    calibration = recorded_calibration(bundle, args.model)
     spec = make_spec("w8a8", COMPONENTS)
     options = check_quantization(["executorch"], spec, ExportOptions(components=COMPONENTS, batch_sizes=(2,)))
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,19 +63,12 @@ def main() -> None:
         except GateError as e:
             print(f"w8a8: {e}", flush=True)
         g = gate.report["targets"][0]
-        feeds = {k: v.numpy() for k, v in example_inputs(bundle, "unet", batch=2).items()}
-        sets = {name: ArtifactSet.load(folder) for name, folder in folders.items()}
-        sessions = {name: open_session(aset.find("executorch", "unet"), folders[name]) for name, aset in sets.items()}
-        outputs = {name: s.run(feeds)["out_sample"] for name, s in sessions.items()}
-        stats = compare_latency({name: (lambda s=s: s.run(feeds)) for name, s in sessions.items()},
-                                blocks=args.blocks, per_block=args.per_block)
-        print(f"U-Net call, batch 2 (CFG pair), {feeds['sample'].shape[2]}x{feeds['sample'].shape[3]} latents, "
-              f"{args.blocks} blocks x {args.per_block} timed calls, ExecuTorch {sessions['fp32'].backend}")
-        ref = outputs["fp32"].astype(np.float64)
+        sets, outputs, stats = time_unets(bundle, folders, "executorch", args.blocks, args.per_block)
+        ref = outputs["fp32"]
         for name, aset in sets.items():
             unet = aset.find("executorch", "unet")
             q = unet.details.get("quantization", {})
-            rel = float(np.linalg.norm(outputs[name] - ref) / np.linalg.norm(ref))
+            rel = rel_l2(outputs[name], ref)
             outside = outside_delegate(unet.details["ops"])
             line = (f"{name:<5} median {stats[name].median_s * 1e3:7.2f} ms  x{speedup(stats, 'fp32', name):.2f} vs fp32  "
                     f"unet {unet.details['bytes'] / 1e6:.2f} MB  {q.get('bits_per_weight', 32.0):.2f} bits/weight  "

@@ -26,26 +26,7 @@ from pocketdiff.zoo import build_arch
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 BROKEN_LAYER = "unet.down_blocks.1.resnets.0.conv1"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on the shared 2-core host, spinning thread pools make these runs many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_bundle():
-    """arch:tiny seed 0, the model `pocketdiff export arch:tiny` builds."""
-    return build_arch("tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
-def calibration(tiny_bundle):
-    return record_calibration(tiny_bundle, SampleConfig.for_bundle(tiny_bundle, fallback=FALLBACK))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _export(bundle, scheme, calibration, out):

@@ -10,39 +10,17 @@ import pytest
 import torch
 from torchao.quantization.pt2e import FixedQParamsObserver
 
-from pocketdiff.compress.quantize.calibration import record_calibration
 from pocketdiff.compress.quantize.spec import SCHEMES, make_spec
 from pocketdiff.errors import GateError
 from pocketdiff.export import executorch_quantize
 from pocketdiff.export.base import ArtifactSet, ExportOptions, export_bundle
 from pocketdiff.export.quantize import Quantization, QuantizeExport, check_quantization
-from pocketdiff.runtimes.harness import FALLBACK, raise_on_failure, validate
+from pocketdiff.runtimes.harness import raise_on_failure, validate
 from pocketdiff.runtimes.quantize_gate import QuantizationGate
-from pocketdiff.sampler import SampleConfig
-from pocketdiff.zoo import build_arch
 
 COMPONENTS = ("unet",)  # the w8a8 scheme's other kinds (int8 weights, float activations) have no XNNPACK form
 BROKEN_LAYER = "unet.down_blocks.1.resnets.0.conv1"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on the shared 2-core host, spinning thread pools make these runs many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_bundle():
-    """arch:tiny seed 0, the model `pocketdiff export arch:tiny` builds."""
-    return build_arch("tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
-def calibration(tiny_bundle):
-    return record_calibration(tiny_bundle, SampleConfig.for_bundle(tiny_bundle, fallback=FALLBACK))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _export(bundle, calibration, out):
