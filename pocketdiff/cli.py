@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full argument parser with every registered subcommand."""
     from .commands import COMMANDS, model, run  # noqa: F401  (model, run: register their subcommands)
     from .export import commands as _export  # noqa: F401  (export, validate)
+    from .runtimes import commands as _runtimes  # noqa: F401  (profile)
 
     parser = _Parser(prog="pocketdiff", description="Make Stable-Diffusion-family models small, fast and "
                      "validated on phones.")
