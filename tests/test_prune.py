@@ -88,9 +88,13 @@ def test_widths_follow_groupnorm_heads_and_shortcuts(deep_teacher):
     plan, removed = plan_widths(config, 0.2, SIZE)
     assert plan["block_out_channels"] == [16, 24, 24] and plan["attention_head_dim"] == [4, 3, 3]
     assert removed >= 0.2 and unet_macs(plan, SIZE) < unet_macs(dict(config), SIZE)
-    # keep 0.5 would make stage 1 as wide as stage 0 (16): its first resnet would lose its shortcut conv
-    assert pruned_config(config, 0.5)["block_out_channels"] == [16, 16, 16]
-    assert plan_widths(config, 0.4, SIZE)[0]["block_out_channels"] == [16, 8, 8]
+    # stage 1 as wide as stage 0 would drop down_blocks.1.resnets.0's shortcut conv; stages 1 and 2 apart would
+    # give down_blocks.2.resnets.0 a new one: neither is a subset of the teacher, so neither is ever chosen
+    with torch.device("meta"):
+        keys = diffusers.UNet2DConditionModel.from_config(pruned_config(config, [16, 16, 16])).state_dict()
+    assert "down_blocks.1.resnets.0.conv_shortcut.weight" not in keys
+    assert plan_widths(config, 0.1, SIZE)[0]["block_out_channels"] == [16, 24, 24]
+    assert plan_widths(config, 0.3, SIZE)[0]["block_out_channels"] == [16, 8, 8]
 
 
 def test_target_no_valid_widths_meet_is_a_config_error(deep_teacher):

@@ -17,13 +17,15 @@ GroupNorm's groups the kept channels are balanced (each group keeps the same cou
 subset of an old one); GroupNorms over an up block's concatenation may regroup channels across its two
 parts, which recovery (`recover`) retrains. Stage 0 keeps its width: diffusers ties the sinusoidal
 timestep projection's size to `block_out_channels[0]`, and another size is another function, not a subset.
-The target is a fraction of U-Net MACs to remove: the pass takes the largest common keep fraction whose
-valid widths meet it (MACs counted on the meta device), and refuses a target no valid widths meet.
+The target is a fraction of U-Net MACs to remove: of the valid stage widths that meet it (MACs counted on
+the meta device) the pass takes the most even cut, and refuses a target no valid widths meet. Valid also
+means every tensor of the teacher survives: no resnet may gain or lose its shortcut convolution.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,9 +44,6 @@ from ...settings import setting
 from ..distill.data import load_latent_data
 from ..distill.schedule import NoiseSchedule
 from .blocks import count_params
-
-_KEEP_STEPS = 64  # keep fractions tried between 1 and 0 when searching widths for a MACs target
-
 
 def _clean(config: Any) -> dict[str, Any]:
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}
@@ -68,18 +67,25 @@ def _units(config: dict[str, Any]) -> list[int]:
     return units
 
 
-def pruned_config(config: Any, keep: float) -> dict[str, Any]:
-    """The config with every stage past the first at `keep` of its width, rounded to valid widths."""
+def pruned_config(config: Any, widths: list[int]) -> dict[str, Any]:
+    """The config with stage widths `widths`, each stage keeping its head size (so fewer, whole heads)."""
     config = _clean(config)
     if config.get("num_attention_heads") is not None:
         raise ConfigError("pruning reads heads from attention_head_dim; this U-Net sets num_attention_heads")
-    widths, heads = list(config["block_out_channels"]), _heads(config)
-    units = _units(config)
-    new = [widths[0]] + [max(u, u * round(c * keep / u)) for c, u in zip(widths[1:], units[1:])]
-    config["block_out_channels"] = new
-    head_size = [c // h for c, h in zip(widths, heads)]
-    config["attention_head_dim"] = [c // d for c, d in zip(new, head_size)]
+    head_size = [c // h for c, h in zip(config["block_out_channels"], _heads(config))]
+    config["block_out_channels"] = list(widths)
+    config["attention_head_dim"] = [c // d for c, d in zip(widths, head_size)]
     return config
+
+
+def candidate_widths(config: Any) -> list[list[int]]:
+    """Every narrower choice of stage widths (stage 0 kept, multiples of each stage's unit), the most even
+    first: by the smallest kept share of any stage, then by total width, both descending."""
+    config = _clean(config)
+    widths, units = config["block_out_channels"], _units(config)
+    options = [[widths[0]]] + [list(range(c, 0, -u)) for c, u in zip(widths[1:], units[1:])]
+    out = [list(w) for w in itertools.product(*options) if list(w) != list(widths)]
+    return sorted(out, key=lambda w: (min(n / c for n, c in zip(w, widths)), sum(w)), reverse=True)
 
 
 def _meta_unet(config: dict[str, Any]) -> diffusers.UNet2DConditionModel:
@@ -108,18 +114,20 @@ def plan_widths(config: Any, target: float, size: int) -> tuple[dict[str, Any], 
     config = _clean(config)
     full = unet_macs(config, size)
     keys = set(_meta_unet(config).state_dict())
-    seen: set[tuple[int, ...]] = set()
+    candidates = candidate_widths(config)
     best: tuple[float, list[int]] = (0.0, list(config["block_out_channels"]))
-    for i in range(_KEEP_STEPS - 1, -1, -1):
-        candidate = pruned_config(config, i / _KEEP_STEPS)
-        widths = tuple(candidate["block_out_channels"])
-        if widths in seen or set(_meta_unet(candidate).state_dict()) != keys:
+    floor = pruned_config(config, min(candidates, key=sum)) if candidates else None
+    if floor is not None and set(_meta_unet(floor).state_dict()) == keys:  # the narrowest fails: refuse at once
+        best = (1 - unet_macs(floor, size) / full, floor["block_out_channels"])
+        candidates = candidates if best[0] >= target else []
+    for widths in candidates:
+        candidate = pruned_config(config, widths)
+        if set(_meta_unet(candidate).state_dict()) != keys:
             continue
-        seen.add(widths)
         removed = 1 - unet_macs(candidate, size) / full
         if removed >= target:
             return candidate, removed
-        best = max(best, (removed, list(widths)))
+        best = max(best, (removed, widths))
     raise ConfigError(f"pruning to {target:.0%} fewer U-Net MACs is not possible: the narrowest valid widths "
                       f"{best[1]} (stage 0 kept; each stage a multiple of {_units(config)} for whole GroupNorm "
                       f"groups and heads; no resnet may gain or lose its shortcut) remove {best[0]:.0%}; "
