@@ -1,12 +1,14 @@
 """Slimmed U-Nets and the light VAE decoder against the teacher's: params, MACs per call, onnxruntime CPU latency.
 
-Each BK-SDM preset (`remove-blocks`) is applied to the teacher (its kept weights; latency does not
+Each BK-SDM preset (`remove-blocks`) and each `--prune` MACs target (the `prune` pass: Taylor importance on
+its default calibration batches, no recovery) is applied to the teacher (its kept weights; latency does not
 depend on training), the light decoder (`light-decoder`'s AutoencoderTiny, untrained) replaces its VAE,
 and every variant is exported to ONNX fp32 at batch 1 and timed in the same run with the fair
 rotating-block method (`runtimes.profiler.compare_latency`): U-Nets against the teacher's U-Net,
 decoders against the teacher's decoder. MACs and params come from `pocketdiff.costs` (torch's FLOP
 counter). `--arch sd15` adds the presets on an architecture's config, on the meta device (costs only).
-Usage: python bench/slim_latency.py [--model fashion] [--arch sd15] [--blocks 5 --per-block 20]
+Usage: python bench/slim_latency.py [--model fashion] [--presets base small tiny] [--prune 0.1 0.3] [--arch sd15]
+       [--blocks 5 --per-block 20]
 """
 
 from __future__ import annotations
@@ -37,6 +39,15 @@ def slimmed(bundle, preset: str):
     return out
 
 
+def pruned(bundle, target: float, work: Path):
+    """A copy of `bundle` whose U-Net is the `prune` pass's at MACs target `target`."""
+    from pocketdiff.compress.slim.prune import PrunePass
+    from pocketdiff.passes import PassContext
+
+    settings = PrunePass.Settings(target=target)
+    return PrunePass().apply(copy.copy(bundle), settings, PassContext(work_dir=work, progress=False)).bundle
+
+
 def with_light_decoder(bundle, width: int):
     """A copy of `bundle` whose VAE is the (untrained) light AutoencoderTiny."""
     import diffusers
@@ -64,15 +75,18 @@ def runner(bundle, component: str, folder: Path):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="fashion")
+    ap.add_argument("--presets", nargs="*", default=list(PRESETS), choices=PRESETS, help="block-removal rows")
+    ap.add_argument("--prune", nargs="*", type=float, default=[], help="prune rows: MACs targets")
     ap.add_argument("--arch", default=None, help="also list the presets' costs on arch NAME (meta device)")
     ap.add_argument("--width", type=int, default=16, help="light decoder width (fashion-slim's)")
     ap.add_argument("--blocks", type=int, default=5)
     ap.add_argument("--per-block", type=int, default=20)
     args = ap.parse_args()
     teacher = load_model(args.model)
-    unets = {"teacher": teacher} | {p: slimmed(teacher, p) for p in PRESETS}
     decoders = {"teacher": teacher, "light": with_light_decoder(teacher, args.width)}
     with tempfile.TemporaryDirectory() as tmp:
+        unets = ({"teacher": teacher} | {p: slimmed(teacher, p) for p in args.presets}
+                 | {f"prune-{t:g}": pruned(teacher, t, Path(tmp) / f"w-{t:g}") for t in args.prune})
         unet_runs = {n: runner(b, "unet", Path(tmp) / f"u-{n}") for n, b in unets.items()}
         dec_runs = {n: runner(b, "vae_decoder", Path(tmp) / f"d-{n}") for n, b in decoders.items()}
         unet_stats = compare_latency(unet_runs, blocks=args.blocks, per_block=args.per_block)
@@ -83,8 +97,9 @@ def main() -> None:
     for name, bundle in unets.items():
         params, macs = cost(bundle, "unet")
         st = unet_stats[name]
+        widths = list(bundle.unet.config.block_out_channels)
         print(f"{name:<10}{params:>12,}{macs:>14,}{macs / t_macs:>11.3f}{1000 * st.median_s:>11.3f}"
-              f"{unet_stats['teacher'].median_s / st.median_s:>9.2f}x")
+              f"{unet_stats['teacher'].median_s / st.median_s:>9.2f}x  {widths}")
     print(f"\nVAE decoder of {args.model}, latents {list(example_inputs(teacher, 'vae_decoder', 1)['latent_sample'].shape)}")
     _, t_dec_macs = cost(teacher, "vae_decoder")
     for name, (params, macs) in ((n, cost(b, "vae_decoder")) for n, b in decoders.items()):

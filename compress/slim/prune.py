@@ -41,11 +41,14 @@ from ...bundle import Bundle
 from ...errors import ConfigError
 from ...passes import PassContext, PassResult, register_pass
 from ...settings import setting
+from ..distill.checks import check_teacher
 from ..distill.data import load_latent_data
 from ..distill.schedule import NoiseSchedule
 from .blocks import count_params
 
+
 def _clean(config: Any) -> dict[str, Any]:
+    """A config as a plain dict without diffusers' private keys."""
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}
 
 
@@ -201,7 +204,8 @@ def prune_unet(unet: diffusers.UNet2DConditionModel, config: dict[str, Any]) -> 
     unet.set_attn_processor(AttnProcessor())  # plain matmuls: the graph sees q·k and the head reshape
     model = _Denoiser(unet)
     c = unet.config.cross_attention_dim
-    example = (torch.zeros(1, unet.config.in_channels, 8, 8), torch.tensor([1]), torch.zeros(1, 77, c))
+    side = 2 ** len(old)  # the smallest latent every stage's downsampler still halves
+    example = (torch.zeros(1, unet.config.in_channels, side, side), torch.tensor([1]), torch.zeros(1, 77, c))
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
     names = {m: n.removeprefix("unet.") for n, m in model.named_modules()}
     parents = {n.removeprefix("unet."): m for n, m in model.named_modules() if isinstance(m, Attention)}
@@ -258,6 +262,7 @@ class PrunePass:
         seed: int = setting(0, min=0)
 
     def check(self, bundle: Bundle, s: Settings, ctx: PassContext) -> None:
+        check_teacher(bundle)  # the calibration loss needs its noise schedule and caption states
         plan_widths(bundle.unet.config, s.target, _latent_size(bundle))
 
     def apply(self, bundle: Bundle, s: Settings, ctx: PassContext) -> PassResult:
