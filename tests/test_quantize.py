@@ -46,7 +46,7 @@ def test_spec_round_trips_and_refuses_other_versions():
     assert back == spec and back.gates["psnr_db"] == SCHEMES["w8a8"].gates.psnr_db
     with pytest.raises(CorruptFileError, match="version"):
         QuantSpec.from_json({**spec.to_json(), "version": 99}, "x")
-    with pytest.raises(ConfigError, match="unknown quantization scheme 'int3'; choose from w8a8, w8"):
+    with pytest.raises(ConfigError, match="unknown quantization scheme 'int3'; choose from w8a8, w8, 8da8w, 8da4w"):
         make_spec("int3", COMPONENTS)
 
 
@@ -73,7 +73,15 @@ def test_calibration_replays_the_sampler_and_reproduces(tiny_bundle, calibration
         loaded.check_model(build_arch("tiny", seed=1))
 
 
-@pytest.mark.parametrize("scheme", list(SCHEMES))
+ONNX_SCHEMES = [name for name, s in SCHEMES.items()
+                if set(s.kinds.values()) <= {"float", *onnx_quantize.OnnxQuantizeStep.kinds}]
+
+
+def test_onnx_runs_the_static_and_weight_only_schemes():
+    assert ONNX_SCHEMES == ["w8a8", "w8"]  # the dynamic-linear schemes are ExecuTorch's (test_quantize_executorch)
+
+
+@pytest.mark.parametrize("scheme", ONNX_SCHEMES)
 def test_each_scheme_exports_runs_in_onnxruntime_and_passes_its_gate(tiny_bundle, calibration, scheme, tmp_path):
     out = tmp_path / "art"
     report = _export(tiny_bundle, scheme, calibration, out)

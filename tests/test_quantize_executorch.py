@@ -1,6 +1,6 @@
-"""ExecuTorch quantization on arch:tiny: PT2E static int8 lowers to XNNPACK, runs in ExecuTorch's runtime within its
-gate with the ops outside the delegate recorded, a broken calibration is refused, and a scheme ExecuTorch cannot run
-is one line and exit 2."""
+"""ExecuTorch quantization on arch:tiny: PT2E static int8 and the dynamic-linear kinds (8da8w, 8da4w) lower to XNNPACK
+and run in ExecuTorch's runtime within their gates with the ops outside the delegate recorded, a broken calibration
+is refused, and a scheme the chosen runtime cannot run is one line and exit 2."""
 
 import os
 import subprocess
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchao.quantization.pt2e import FixedQParamsObserver
 
-from pocketdiff.compress.quantize.spec import SCHEMES, make_spec
+from pocketdiff.compress.quantize.spec import INT4_GROUP, SCHEMES, make_spec
 from pocketdiff.errors import GateError
 from pocketdiff.export import executorch_quantize
 from pocketdiff.export.base import ArtifactSet, ExportOptions, export_bundle
@@ -80,11 +80,37 @@ def test_broken_calibration_trips_the_gate(tiny_bundle, calibration, tmp_path, m
     assert not out.exists() and not list(tmp_path.glob(".art.tmp-*"))
 
 
-def test_a_scheme_executorch_cannot_run_is_one_line_exit_2(tmp_path):
+@pytest.mark.parametrize("scheme", ["8da8w", "8da4w"])
+def test_dynamic_linears_lower_run_and_pass_their_gate(tiny_bundle, scheme, tmp_path):
+    """The text encoder is all linears: the fastest tiny graph that exercises these kinds end to end."""
     out = tmp_path / "art"
-    r = subprocess.run([sys.executable, "-m", "pocketdiff", "export", "arch:tiny", "--targets", "executorch",
-                        "--quantize", "w8", "--out", str(out)], capture_output=True, text=True,
+    spec = make_spec(scheme, ("text_encoder",))
+    options = check_quantization(["executorch"], spec, ExportOptions(components=("text_encoder",), batch_sizes=(2,)))
+    gate = QuantizationGate(tiny_bundle)
+    export_bundle(tiny_bundle, "arch:tiny", ["executorch"], options, out,
+                  step=QuantizeExport(tiny_bundle, Quantization(spec), gate))
+    (t,) = gate.report["targets"]
+    assert gate.report["passed"] and t["psnr_db"] >= SCHEMES[scheme].gates.psnr_db
+    assert 0 < t["components"]["text_encoder"]["rel_l2"] <= SCHEMES[scheme].gates.rel_l2["text_encoder"]
+    aset = ArtifactSet.load(out)
+    assert aset.quantization["scheme"] == scheme and aset.quantization["calibration"] is None
+    encoder = aset.find("executorch", "text_encoder")
+    q = encoder.details["quantization"]
+    assert q["kind"] == scheme and q["bits_per_weight"] < 32
+    if scheme == "8da4w":
+        assert q["quantized_linears"] > 0 and q["int4_group"] == INT4_GROUP
+    (ops,) = encoder.details["ops"].values()
+    assert not any("linear" in k or "addmm" in k or "mm." in k or k.startswith(("quantized_decomposed", "torchao"))
+                   for k in ops["outside_delegates"]), ops["outside_delegates"]
+
+
+@pytest.mark.parametrize("target,scheme,runs", [("executorch", "w8", "w8a8, 8da8w, 8da4w"),
+                                                ("onnx", "8da4w", "w8a8, w8")])
+def test_a_scheme_the_runtime_cannot_run_is_one_line_exit_2(target, scheme, runs, tmp_path):
+    out = tmp_path / "art"
+    r = subprocess.run([sys.executable, "-m", "pocketdiff", "export", "arch:tiny", "--targets", target,
+                        "--quantize", scheme, "--out", str(out)], capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2, r.stderr
-    assert "executorch cannot run quantization scheme 'w8'" in r.stderr and "it runs w8a8" in r.stderr
+    assert f"{target} cannot run quantization scheme {scheme!r}" in r.stderr and f"it runs {runs}" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr and not out.exists()

@@ -7,6 +7,10 @@ component gets one **kind**:
     w8     int8 weights (symmetric, per output channel), float activations: smaller, same kernels
     w8a8   int8 weights (symmetric, per output channel) and int8 activations (static ranges from
            calibration data recorded along the sampler): smaller and int8 kernels
+    8da8w  linear layers only: int8 weights (symmetric, per output channel), activations quantized to
+           int8 at run time from each call's own range (dynamic): no calibration data
+    8da4w  linear layers only: int4 weights (symmetric, per group of `INT4_GROUP` input channels),
+           activations quantized to int8 per token at run time (dynamic): no calibration data
 
 Whatever the kind, the parts in `KEEP_FLOAT` stay float (the field's common finding: these break
 first; shared/ANCHORS.md). Each backend's quantize step says which kinds it runs and maps these
@@ -22,7 +26,8 @@ from typing import Any
 from ...errors import ConfigError, CorruptFileError
 
 SPEC_VERSION = 1
-KINDS = ("float", "w8", "w8a8")
+KINDS = ("float", "w8", "w8a8", "8da8w", "8da4w")
+INT4_GROUP = 32  # 8da4w: input channels sharing one weight scale
 # Backend-neutral names of what stays float: module-path suffixes of the first and last convolutions
 # and the timestep embedding, plus two op families every backend leaves in float.
 KEEP_FLOAT = ("conv_in", "conv_out", "time_proj", "time_embedding", "group_norm", "attention_softmax_v")
@@ -57,6 +62,14 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
     Scheme("w8", "int8 weights everywhere, float activations",
            {"text_encoder": "w8", "unet": "w8", "vae_decoder": "w8", "vae_encoder": "w8"},
            Gates(psnr_db=20.0, rel_l2=_WEIGHT_ONLY_GATES, layer_rel_l2=0.3, accuracy_drop=0.1)),
+    Scheme("8da8w", "U-Net and text encoder linears: int8 weights, int8 dynamic activations; convolutions and "
+                    "VAE float", {"text_encoder": "8da8w", "unet": "8da8w", "vae_decoder": "float", "vae_encoder": "float"},
+           Gates(psnr_db=20.0, rel_l2={**_WEIGHT_ONLY_GATES, "text_encoder": 0.2, "unet": 0.3}, layer_rel_l2=0.3,
+                 accuracy_drop=0.1)),
+    Scheme("8da4w", "U-Net and text encoder linears: int4 weights per group, int8 dynamic activations; convolutions "
+                    "and VAE float", {"text_encoder": "8da4w", "unet": "8da4w", "vae_decoder": "float", "vae_encoder": "float"},
+           Gates(psnr_db=20.0, rel_l2={**_WEIGHT_ONLY_GATES, "text_encoder": 0.3, "unet": 0.4}, layer_rel_l2=0.5,
+                 accuracy_drop=0.1)),
 )}
 
 
