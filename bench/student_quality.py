@@ -127,7 +127,8 @@ def main() -> None:
         label = f"{folder.parent.name}/{folder.name}"  # run/stage
         student = Bundle.load(folder)
         comps = components_for(student, table, device, dtype)
-        own = SampleConfig.for_bundle(student, batch_size=args.batch_size)
+        # a student that records no sampler of its own (a slimmed U-Net) samples as the teacher's best cell does
+        own = SampleConfig.for_bundle(student, fallback=best_cfg.__dict__, batch_size=args.batch_size)
         step_counts = args.steps if not steps_spec else [own.steps] if steps_spec == "own" else \
             [int(n) for n in steps_spec.split(",")]
         g_best = own.guidance_scale
