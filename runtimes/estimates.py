@@ -7,8 +7,8 @@ mean of ideal / measured) on the published measurements listed in `devices.json`
 error is each point predicted with the factor fitted on the other points of its kind (leave-one-out;
 a kind with one point has no held-out check, and says so). Roofline bytes are the weights read once
 plus the call's inputs and outputs (a fused, tiled accelerator); the unfused count (every operator's
-output written and read once) is reported beside it, and predicts the published figures far worse
-(docs/BENCHMARKS.md, "Device estimates"). The memory fit adds every component's weights to the
+output written and read once, `Load.activation_elems`, which the profiler reports) predicts the
+published figures far worse (docs/BENCHMARKS.md, "`pocketdiff profile` and device estimates"). The memory fit adds every component's weights to the
 largest single operator's working set and compares with the RAM one app may hold.
 """
 
@@ -62,10 +62,6 @@ class Load:
     def bytes_min(self, weight_bytes: int, activation_bytes: int) -> int:
         """Weights read once, inputs read and outputs written once: the traffic of a fully fused call."""
         return self.params * weight_bytes + self.io_elems * activation_bytes
-
-    def bytes_unfused(self, weight_bytes: int, activation_bytes: int) -> int:
-        """`bytes_min` plus every operator output written and read once (no fusion, no cache reuse)."""
-        return self.bytes_min(weight_bytes, activation_bytes) + 2 * self.activation_elems * activation_bytes
 
 
 class _ActivationCounter(TorchDispatchMode):

@@ -233,8 +233,8 @@ def profile_folder(folder: Path, against: Path | None = None, config: ProfileCon
     with tempfile.TemporaryDirectory(prefix="pocketdiff-profile-") as tmp:
         work = Path(tmp)
         plans, loads = {}, {}
+        comps = sorted({c for cs in targets.values() for c in cs})
         for label, f in folders.items():
-            comps = sorted({c for cs in targets.values() for c in cs})
             plans[label], bundle = _plan(label, f, sets[label][0], comps, work)
             loads[label] = component_loads(bundle, {c: b for c, b in plans[label]["batches"].items()
                                                     if c in IMAGE_COMPONENTS})
