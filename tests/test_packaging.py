@@ -35,7 +35,7 @@ def test_wheel_installs_and_runs(tmp_path):
     for expected in ("pocketdiff/cli.py", "pocketdiff/export/base.py", "pocketdiff/export/rewrites/attention.py",
                      "pocketdiff/export/rewrites/winograd_table.py", "pocketdiff/runtimes/base.py",
                      "pocketdiff/compress/__init__.py", "pocketdiff/recipes/default.toml",
-                     "pocketdiff/weights/classifier.safetensors",
+                     "pocketdiff/weights/classifier.safetensors", "pocketdiff/runtimes/devices.json",
                      "pocketdiff/weights/fashion/unet/diffusion_pytorch_model.safetensors"):
         assert expected in names, expected
     site = tmp_path / "site"
