@@ -2,5 +2,6 @@
 
 Registered passes: `remove-blocks` (BK-SDM block removal), `light-decoder` (a TAESD-style
 Conv/ReLU/Upsample decoder fitted to the teacher's), `recover` (output- and feature-level
-distillation plus the denoising loss, after any slimming pass).
+distillation plus the denoising loss, after any slimming pass), `prune` (Taylor-importance structured
+channel and head pruning per stage through torch-pruning's dependency graph).
 """

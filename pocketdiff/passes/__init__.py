@@ -28,7 +28,7 @@ BUILTIN_MODULES = ("pocketdiff.passes.basic", "pocketdiff.compress.distill.lcm",
                    "pocketdiff.compress.distill.progressive", "pocketdiff.compress.distill.cfg_aware",
                    "pocketdiff.compress.distill.dmd",
                    "pocketdiff.compress.slim.blocks", "pocketdiff.compress.slim.decoder",
-                   "pocketdiff.compress.slim.recovery")
+                   "pocketdiff.compress.slim.recovery", "pocketdiff.compress.slim.prune")
 
 
 @dataclass
