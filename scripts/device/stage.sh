@@ -3,7 +3,8 @@
 # checkout; it works in the repository root). Each device call carries at most 64 MiB, the tracked
 # tree included, so the parts travel in three carry sets over calls made back to back while the
 # machine stays warm (its /tmp, where scripts/device/lib.sh unpacks them, survives between them):
-#   .whl/                 diffusers==0.42.1 and its pure-Python needs the host lacks (pip download)
+#   .whl/                 diffusers==0.42.1 and its pure-Python needs, torch-pruning (the `prune` pass): what
+#                         the host lacks (pip download)
 #   .dev/call1/data/      train-images-idx3-ubyte.xz, train-labels-idx1-ubyte.gz (what training needs)
 #                         captions.safetensors.xz: MiniLM states of every training caption, the
 #                         evaluation prompts and the confusable-class negative prompts (MiniLM does
@@ -21,7 +22,7 @@ cd "$(git rev-parse --show-toplevel)"
 
 PY=.venv/bin/python
 SRC=/usr/share/datasets/fashion-mnist
-WHEELS=(diffusers==0.42.1 importlib_metadata==10.2.0 lazy-importer==0.1.0 zipp==4.1.2)
+WHEELS=(diffusers==0.42.1 importlib_metadata==10.2.0 lazy-importer==0.1.0 zipp==4.1.2 torch-pruning==1.6.1)
 LIMIT=$((64 << 20))   # the tool's limit on what one call carries
 MARGIN=$((3 << 20))   # kept free: the tree grows between staging and the call
 
@@ -39,7 +40,8 @@ done
 
 # Wheels: diffusers needs importlib_metadata, which needs lazy-importer and zipp>=3.20; the host
 # has no importlib_metadata nor lazy-importer, and zipp of an unknown version (KINDS.md), so all
-# four travel (the versions are those .venv runs the tests with).
+# four travel; the `prune` pass needs torch-pruning, which the host lacks too (a probe of
+# fashion-pruned failed on its import, 2026-12-02). The versions are those .venv runs the tests with.
 mkdir -p .whl
 for w in "${WHEELS[@]}"; do
   name=${w%%==*}
