@@ -44,7 +44,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser with every registered subcommand."""
-    from .commands import COMMANDS, model, run  # noqa: F401  (model, run: register their subcommands)
+    from .commands import COMMANDS, model, report, run  # noqa: F401  (model, report, run: register their subcommands)
     from .export import commands as _export  # noqa: F401  (export, validate)
     from .runtimes import commands as _runtimes  # noqa: F401  (profile)
 
