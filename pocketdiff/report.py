@@ -106,10 +106,11 @@ def _folder_of(spec: str) -> Path | None:
     return Path(spec) if Path(spec).exists() else None
 
 
-def _weights_bytes(folder: Path | None) -> int | None:
-    if folder is None:
+def _disk_bytes(path: Path | None, pattern: str = "*") -> int | None:
+    """Bytes on disk of a file, or of a folder's files matching `pattern`; None when there are none."""
+    if path is None or not path.exists():
         return None
-    files = [folder] if folder.is_file() else list(folder.rglob("*.safetensors")) + list(folder.rglob("*.bin"))
+    files = [path] if path.is_file() else [f for f in path.rglob(pattern) if f.is_file()]
     return sum(f.stat().st_size for f in files) or None
 
 
@@ -139,7 +140,7 @@ def _measure(row: dict[str, Any], config: ReportConfig) -> None:
     row["components"] = {c.component: {"params": c.params, "macs": c.macs, "weight_macs": c.weight_macs}
                          for c in costs}
     row["params"] = sum(c.params for c in costs)
-    row["weights_bytes"] = _weights_bytes(_folder_of(row["spec"]))
+    row["weights_bytes"] = _disk_bytes(_folder_of(row["spec"]), "*.safetensors")
     if config.images and bundle.text_encoder is not None:
         bundle.to("cpu", torch.float32)  # the reference sampler runs in fp32 on the host
         cfg = SampleConfig.for_bundle(bundle, fallback=config.sampling, seed=config.seed,
@@ -166,12 +167,12 @@ def _attach(rows: list[dict[str, Any]], run_dir: Path, found: dict[str, list[tup
         if row is None:
             loose.append(str(path))
             continue
-        exports[path.parent] = row
         folder = path.parent
+        exports[folder] = row
         row.setdefault("exports", []).append({
             "folder": str(folder), "quantization": (data.get("quantization") or {}).get("scheme"),
             "artifacts": [{"target": a["target"], "component": a["component"], "precision": a["precision"],
-                           "bytes": _weights_bytes(folder / a["path"]) if (folder / a["path"]).exists() else None}
+                           "bytes": _disk_bytes(folder / a["path"])}
                           for a in data["artifacts"]]})
 
     def export_owner(folder: str) -> dict[str, Any] | None:
@@ -203,8 +204,9 @@ def _attach(rows: list[dict[str, Any]], run_dir: Path, found: dict[str, list[tup
                 row["estimates"] = prof["estimates"]
     for path, data in found["quality"]:
         for cell in data["cells"]:
-            row = next((r for r in rows if cell["name"].startswith(r["id"] if r["id"] == "teacher"
-                                                                   else f"{run_dir.name}/{r['id']} ")), None)
+            # student_quality names a cell "teacher ..." or "<run>/<stage> ..."
+            row = next((r for r in rows if cell["name"].startswith(
+                "teacher" if r["id"] == "teacher" else f"{run_dir.name}/{r['id']} ")), None)
             if row is None:
                 loose.append(f"{path}: {cell['name']}")
                 continue

@@ -61,6 +61,12 @@ def tiny_run(tmp_path_factory):
                              "image": {"median_ms": 12.5, "p90_ms": 13.1, "sampler": {"steps": 2}}}},
         "estimates": [{"device": "a17", "name": "iPhone 15 Pro (A17 Pro ANE)", "image_ms": 3.25,
                        "calibration_error_pct": 8.4, "memory": {"needed_mb": 21.0, "fits": True}}]}}}))
+    (run / "quality").mkdir()
+    cell = {"kid": 0.01, "prompt_accuracy": 0.9, "samples": 1000, "scheduler": "dpmsolver++", "guidance_scale": 4.0}
+    (run / "quality" / "student_quality.json").write_text(json.dumps({"cells": [
+        {**cell, "name": "teacher dpmsolver++ 25 g=4", "fid": 7.5, "steps": 25},
+        {**cell, "name": "run/02-cast 4 steps g=4.0", "fid": 9.25, "steps": 4},
+        {**cell, "name": "other/01-x 4 steps g=4.0", "fid": 30.0, "steps": 4}]}))
     (last / "eval.json").write_text(json.dumps({"fid": 40.5, "prompt_accuracy": 0.61, "samples": 100, "steps": 2,
                                                 "scheduler": "dpmsolver++", "guidance_scale": 4.0}))
     return run
@@ -116,14 +122,16 @@ def test_every_stage_is_in_the_table_with_its_measured_params(report, tiny_run):
         assert rows[stage]["U-Net GMACs/call"] != "not measured"
     cast = rows["02-cast"]
     assert cast["latency ms/image"] == "onnx: 12.5"
-    assert cast["FID"] == "dpmsolver++ x2, n=100: 40.50"
+    assert cast["FID"] == "dpmsolver++ x4, n=1000: 9.25; dpmsolver++ x2, n=100: 40.50"
+    assert rows["teacher (arch:tiny)"]["FID"] == "dpmsolver++ x25, n=1000: 7.50"
     assert cast["parity vs PyTorch"] == "onnx: passed, 96.5 dB"
-    for figure in ("latency ms/image", "FID", "prompt accuracy", "parity vs PyTorch"):  # nothing invented
+    for figure in ("latency ms/image", "parity vs PyTorch"):  # nothing invented
         assert rows["teacher (arch:tiny)"][figure] == rows["01-scheduler"][figure] == "not measured"
+    assert rows["01-scheduler"]["FID"] == rows["01-scheduler"]["prompt accuracy"] == "not measured"
     assert rows["teacher (arch:tiny)"]["weights MB"] == "not measured"  # arch:tiny has no files
 
 
-def test_json_and_html_agree(report):
+def test_json_and_html_agree(report, tiny_run):
     data = json.loads(Path(report["json"]).read_text())
     tables = _tables(Path(report["html"]).read_text())
     shown = {line[0]: line for line in tables["stages"][1:]}
@@ -133,7 +141,7 @@ def test_json_and_html_agree(report):
                                "prompt_accuracy": 0.61}]
     assert tables["estimates"][1][1:3] == ["iPhone 15 Pro (A17 Pro ANE)", "3.2"]
     assert tables["exports"][1][-1] == "1.50"
-    assert data["unattributed"] == []
+    assert data["unattributed"] == [f"{tiny_run / 'quality' / 'student_quality.json'}: other/01-x 4 steps g=4.0"]
 
 
 def test_page_is_self_contained(report):
@@ -141,7 +149,7 @@ def test_page_is_self_contained(report):
     assert not re.search(r"https?:|<script|<link|@import|url\(", html, re.I)
     assert re.findall(r'<img [^>]*src="([^"]+)"', html) and all(
         src.startswith("data:image/png;base64,") for src in re.findall(r'<img [^>]*src="([^"]+)"', html))
-    assert html.count("<svg") == 3 and "<circle" in html  # the one quality-latency point is drawn
+    assert html.count("<svg") == 3 and html.count("<circle") == 2 + 3  # one point per latency plot, 3 FID-steps
 
 
 def test_images_use_the_same_prompts_and_seeds(report):
