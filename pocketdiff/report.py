@@ -54,33 +54,6 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     return run
 
 
-# A figure's kind, told from its parsed JSON; the first that matches wins.
-FIGURE_KINDS: dict[str, Callable[[Path, Any], bool]] = {
-    "export": lambda p, d: p.name == "artifacts.json" and isinstance(d.get("artifacts"), list),
-    "validation": lambda p, d: isinstance(d.get("targets"), list) and "passed" in d and "folder" in d,
-    "profile": lambda p, d: isinstance(d.get("profiles"), dict) and "method" in d,
-    "quality": lambda p, d: isinstance(d.get("cells"), list),
-    "eval": lambda p, d: "fid" in d and "steps" in d,
-}
-
-
-def find_figures(places: list[Path]) -> dict[str, list[tuple[Path, dict[str, Any]]]]:
-    """Every recognised figure file under `places` (files or folders), by kind; unreadable JSON is skipped."""
-    found: dict[str, list[tuple[Path, dict[str, Any]]]] = {k: [] for k in FIGURE_KINDS}
-    files = [p for place in places for p in ([place] if place.is_file() else sorted(place.rglob("*.json")))]
-    for path in files:
-        if path.name in _NOT_FIGURES or path.name.endswith("_config.json") or ".work" in path.parts:
-            continue
-        try:
-            data = read_json(path)
-        except (InputPathError, ValueError):
-            continue
-        kind = isinstance(data, dict) and next((k for k, test in FIGURE_KINDS.items() if test(path, data)), None)
-        if kind:
-            found[kind].append((path.resolve(), data))
-    return found
-
-
 def _same(a: str | Path, b: Path) -> bool:
     return Path(a).resolve() == b.resolve()
 
@@ -150,74 +123,122 @@ def _measure(row: dict[str, Any], config: ReportConfig) -> None:
         row["images"] = _png_b64(generate(bundle, list(config.prompts), cfg, progress=False))
 
 
-def _export_row(rows: list[dict[str, Any]], path: Path, data: dict[str, Any]) -> dict[str, Any] | None:
+def _export_row(rows: list[dict[str, Any]], data: dict[str, Any]) -> dict[str, Any] | None:
     """The row an export was made from: same weights hash, else the same model folder."""
     return next((r for r in rows if data.get("model_hash") and r.get("content_hash") == data["model_hash"]), None) \
         or next((r for r in rows if r["spec"] and Path(r["spec"]).exists() and Path(data["model"]).exists()
                  and _same(data["model"], Path(r["spec"]))), None)
 
 
-def _attach(rows: list[dict[str, Any]], run_dir: Path, found: dict[str, list[tuple[Path, dict[str, Any]]]]
-            ) -> list[str]:
-    """Put every figure on its row (in place); the figures tied to no row, by path."""
-    loose: list[str] = []
-    exports: dict[Path, dict[str, Any]] = {}
-    for path, data in found["export"]:
-        row = _export_row(rows, path, data)
-        if row is None:
-            loose.append(str(path))
-            continue
+@dataclass
+class _Figures:
+    """What the attachers share: the rows, the run folder, the exports tied so far and the figures tied to none."""
+
+    rows: list[dict[str, Any]]
+    run_dir: Path
+    exports: dict[Path, dict[str, Any]] = field(default_factory=dict)
+    loose: list[str] = field(default_factory=list)
+
+    def export_owner(self, folder: str) -> dict[str, Any] | None:
+        """The row whose export lies in `folder`."""
+        return next((row for f, row in self.exports.items() if _same(folder, f)), None)
+
+
+def _attach_export(ctx: _Figures, path: Path, data: dict[str, Any]) -> bool:
+    row = _export_row(ctx.rows, data)
+    if row is not None:
         folder = path.parent
-        exports[folder] = row
+        ctx.exports[folder] = row
         row.setdefault("exports", []).append({
             "folder": str(folder), "quantization": (data.get("quantization") or {}).get("scheme"),
             "artifacts": [{"target": a["target"], "component": a["component"], "precision": a["precision"],
-                           "bytes": _disk_bytes(folder / a["path"])}
-                          for a in data["artifacts"]]})
+                           "bytes": _disk_bytes(folder / a["path"])} for a in data["artifacts"]]})
+    return row is not None
 
-    def export_owner(folder: str) -> dict[str, Any] | None:
-        return next((row for f, row in exports.items() if _same(folder, f)), None)
 
-    for path, data in found["validation"]:
-        row = export_owner(data["folder"])
+def _attach_validation(ctx: _Figures, path: Path, data: dict[str, Any]) -> bool:
+    row = ctx.export_owner(data["folder"])
+    for t in data["targets"] if row is not None else []:
+        worst = max((c.get("rel_l2") or 0.0 for c in t.get("components", {}).values()), default=None)
+        row.setdefault("parity", {})[t["target"]] = {"status": t["status"], "psnr_db": t.get("psnr_db"),
+                                                     "gate_db": t.get("gate_db"), "worst_rel_l2": worst}
+    return row is not None
+
+
+def _attach_profile(ctx: _Figures, path: Path, data: dict[str, Any]) -> bool:
+    tied = False
+    for prof in data["profiles"].values():  # A, and B with --against: each tied by its own export folder
+        row = ctx.export_owner(prof["folder"])
         if row is None:
-            loose.append(str(path))
             continue
-        for t in data["targets"]:
-            worst = max((c.get("rel_l2") or 0.0 for c in t.get("components", {}).values()), default=None)
-            row.setdefault("parity", {})[t["target"]] = {"status": t["status"], "psnr_db": t.get("psnr_db"),
-                                                         "gate_db": t.get("gate_db"), "worst_rel_l2": worst}
-    for path, data in found["profile"]:
-        for prof in data["profiles"].values():
-            row = export_owner(prof["folder"])
-            if row is None:
-                loose.append(str(path))
-                continue
-            for target, t in prof["targets"].items():
-                image = t.get("image")
-                row.setdefault("latency", {})[target] = {
-                    "status": t.get("status"), "image_ms": image and image["median_ms"],
-                    "image_p90_ms": image and image["p90_ms"], "steps": image and image["sampler"]["steps"],
-                    "peak_rss_mb": t.get("peak_rss_mb"),
-                    "components_ms": {c: v["median_ms"] for c, v in t.get("components", {}).items()}}
-            if prof.get("estimates"):
-                row["estimates"] = prof["estimates"]
-    for path, data in found["quality"]:
-        for cell in data["cells"]:
-            # student_quality names a cell "teacher ..." or "<run>/<stage> ..."
-            row = next((r for r in rows if cell["name"].startswith(
-                "teacher" if r["id"] == "teacher" else f"{run_dir.name}/{r['id']} ")), None)
-            if row is None:
-                loose.append(f"{path}: {cell['name']}")
-                continue
+        tied = True
+        for target, t in prof["targets"].items():
+            image = t.get("image")
+            row.setdefault("latency", {})[target] = {
+                "status": t.get("status"), "image_ms": image and image["median_ms"],
+                "image_p90_ms": image and image["p90_ms"], "steps": image and image["sampler"]["steps"],
+                "peak_rss_mb": t.get("peak_rss_mb"),
+                "components_ms": {c: v["median_ms"] for c, v in t.get("components", {}).items()}}
+        if prof.get("estimates"):
+            row["estimates"] = prof["estimates"]
+    return tied
+
+
+def _attach_quality(ctx: _Figures, path: Path, data: dict[str, Any]) -> bool:
+    for cell in data["cells"]:  # student_quality names a cell "teacher ..." or "<run>/<stage> ..."
+        row = next((r for r in ctx.rows if cell["name"].startswith(
+            "teacher" if r["id"] == "teacher" else f"{ctx.run_dir.name}/{r['id']} ")), None)
+        if row is None:
+            ctx.loose.append(f"{path}: {cell['name']}")
+        else:
             row.setdefault("quality", []).append(_quality(cell, str(path)))
-    for path, data in found["eval"]:
-        row = next((r for r in rows if r["id"] != "teacher" and (run_dir / r["id"]) in path.parents), None)
-        if row is None:
-            loose.append(str(path))
-            continue
+    return True  # cells tied to no row are listed one by one above
+
+
+def _attach_eval(ctx: _Figures, path: Path, data: dict[str, Any]) -> bool:
+    row = next((r for r in ctx.rows if r["id"] != "teacher" and (ctx.run_dir / r["id"]) in path.parents), None)
+    if row is not None:
         row.setdefault("quality", []).append(_quality(data, str(path)))
-    return loose
+    return row is not None
+
+
+Attach = Callable[[_Figures, Path, dict[str, Any]], bool]
+# Each kind of figure: how it is told from its parsed JSON, and how it is put on its row (False: it fits none).
+# The first test that matches wins; exports come first, as validations and profiles are tied through them.
+FIGURE_KINDS: dict[str, tuple[Callable[[Path, dict[str, Any]], bool], Attach]] = {
+    "export": (lambda p, d: p.name == "artifacts.json" and isinstance(d.get("artifacts"), list), _attach_export),
+    "validation": (lambda p, d: isinstance(d.get("targets"), list) and "passed" in d and "folder" in d,
+                   _attach_validation),
+    "profile": (lambda p, d: isinstance(d.get("profiles"), dict) and "method" in d, _attach_profile),
+    "quality": (lambda p, d: isinstance(d.get("cells"), list), _attach_quality),
+    "eval": (lambda p, d: "fid" in d and "steps" in d, _attach_eval),
+}
+
+
+def find_figures(places: list[Path]) -> dict[str, list[tuple[Path, dict[str, Any]]]]:
+    """Every recognised figure file under `places` (files or folders), by kind; unreadable JSON is skipped."""
+    found: dict[str, list[tuple[Path, dict[str, Any]]]] = {k: [] for k in FIGURE_KINDS}
+    files = [p for place in places for p in ([place] if place.is_file() else sorted(place.rglob("*.json")))]
+    for path in files:
+        if path.name in _NOT_FIGURES or path.name.endswith("_config.json") or ".work" in path.parts:
+            continue
+        try:
+            data = read_json(path)
+        except (InputPathError, ValueError):
+            continue
+        kind = isinstance(data, dict) and next((k for k, (test, _) in FIGURE_KINDS.items() if test(path, data)), None)
+        if kind:
+            found[kind].append((path.resolve(), data))
+    return found
+
+
+def attach_figures(rows: list[dict[str, Any]], run_dir: Path,
+                   found: dict[str, list[tuple[Path, dict[str, Any]]]]) -> list[str]:
+    """Put every figure on its row (in place); returns the figures tied to no row."""
+    ctx = _Figures(rows, run_dir)
+    for kind, (_, attach) in FIGURE_KINDS.items():
+        ctx.loose += [str(path) for path, data in found[kind] if not attach(ctx, path, data)]
+    return ctx.loose
 
 
 def _quality(cell: dict[str, Any], source: str) -> dict[str, Any]:
@@ -252,7 +273,7 @@ def build_report(run_dir: Path, config: ReportConfig | None = None) -> dict[str,
         if row["spec"]:
             _measure(row, config)
     found = find_figures([run_dir, *[Path(p) for p in config.figures]])
-    loose = _attach(rows, run_dir, found)
+    loose = attach_figures(rows, run_dir, found)
     return {"run_dir": str(run_dir), "recipe": run.get("recipe"), "model": run.get("model"),
             "finished": run.get("finished"), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "prompts": list(config.prompts) if config.images else [], "rows": rows,
