@@ -61,7 +61,8 @@ def stage_table(rows: list[dict[str, Any]]) -> str:
             escape(r["label"]), escape(r["status"]), _fmt(r.get("params")),
             _fmt(_gmacs(r, "text_encoder"), ".3f"), _fmt(_gmacs(r, "unet"), ".3f"), _fmt(_gmacs(r, "vae_decoder"), ".3f"),
             _fmt(_mb(r.get("weights_bytes")), ".1f"),
-            _per_runtime({t: v["image_ms"] for t, v in r.get("latency", {}).items()}, ".1f"),
+            _per_runtime({f"{t}, {v['steps']} steps" if v["steps"] else t: v["image_ms"]
+                          for t, v in r.get("latency", {}).items()}, ".1f"),
             _per_runtime({_cell(q): q["fid"] for q in quality}, ".2f"),
             _per_runtime({_cell(q): q["prompt_accuracy"] for q in quality}, ".3f"),
             _per_runtime({t: f"{v['status']}, {v['psnr_db']:.1f} dB" if v["psnr_db"] is not None else v["status"]

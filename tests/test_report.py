@@ -121,7 +121,7 @@ def test_every_stage_is_in_the_table_with_its_measured_params(report, tiny_run):
         assert rows[stage]["params"] == f"{params:,}"
         assert rows[stage]["U-Net GMACs/call"] != "not measured"
     cast = rows["02-cast"]
-    assert cast["latency ms/image"] == "onnx: 12.5"
+    assert cast["latency ms/image"] == "onnx, 2 steps: 12.5"
     assert cast["FID"] == "dpmsolver++ x4, n=1000: 9.25; dpmsolver++ x2, n=100: 40.50"
     assert rows["teacher (arch:tiny)"]["FID"] == "dpmsolver++ x25, n=1000: 7.50"
     assert cast["parity vs PyTorch"] == "onnx: passed, 96.5 dB"
