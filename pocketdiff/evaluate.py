@@ -23,8 +23,8 @@ from .errors import ConfigError
 from .fileio import atomic_write_bytes
 from .metrics.classifier import FashionClassifier, load_classifier, prompt_accuracy
 from .metrics.agreement import psnr, ssim
-from .metrics.fid import (fid_from_features, inception_features, inception_path, kid, knn_radii, load_inception,
-                          precision_recall)
+from .metrics.fid import (NEIGHBOURS, fid_from_features, inception_features, inception_path, kid, knn_radii,
+                          load_inception, precision_recall)
 from .sampler import Components, SampleConfig, as_saved, generate
 from .vae import encode_latents
 
@@ -97,7 +97,7 @@ class Yardstick:
         kid_mean, kid_std = kid(feats, self.reference, subset_size=min(1000, len(feats)))
         out = {"samples": len(images), "reference_samples": len(self.reference),
                "fid": fid_from_features(feats, self.reference), "kid": kid_mean, "kid_std": kid_std}
-        if len(feats) > 3:
+        if len(feats) > NEIGHBOURS:
             out["precision"], out["recall"] = precision_recall(self.reference, feats, real_radii=self.reference_radii)
         if labels is not None:
             out["prompt_accuracy"] = prompt_accuracy(self.classifier, images, labels)

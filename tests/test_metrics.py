@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from pocketdiff.data import load_fashion_mnist
@@ -65,3 +66,5 @@ def test_precision_recall_separates_fidelity_from_diversity():
     assert p == 1.0 and r < 0.2  # every sample is real-looking, most of the real set is missed
     assert precision_recall(real, far) == (0.0, 0.0)
     assert precision_recall(real, same, real_radii=knn_radii(real)) == precision_recall(real, same)
+    with pytest.raises(ValueError, match="more than 3 features"):
+        precision_recall(real, same[:3])

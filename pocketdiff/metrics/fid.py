@@ -77,19 +77,25 @@ def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
     return frechet_distance(*feature_stats(a), *feature_stats(b))
 
 
+NEIGHBOURS = 3  # k of the k-NN balls precision/recall count in (Kynkaanniemi et al.'s default)
+
+
+def _rows(x: np.ndarray, dtype: np.dtype = np.float32) -> torch.Tensor:
+    """Features as a tensor on the GPU when there is one (the pairwise work is ~1 TFLOP at 10k samples)."""
+    return torch.from_numpy(np.asarray(x, dtype=dtype)).to("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def kid(a: np.ndarray, b: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """Kernel Inception Distance (cubic polynomial kernel, unbiased MMD²): mean and std over subsets.
-    Computed in float64 with torch, on the GPU when there is one (the subsets cost ~1 TFLOP)."""
+    """Kernel Inception Distance (cubic polynomial kernel, unbiased MMD²): mean and std over subsets,
+    computed in float64."""
     rng = np.random.default_rng(seed)
     m = min(subset_size, len(a), len(b))
     d = a.shape[1]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    ta = torch.from_numpy(np.asarray(a, dtype=np.float64)).to(device)
-    tb = torch.from_numpy(np.asarray(b, dtype=np.float64)).to(device)
+    ta, tb = _rows(a, np.float64), _rows(b, np.float64)
     values = []
     for _ in range(subsets):
-        x = ta[torch.from_numpy(rng.choice(len(a), m, replace=False)).to(device)]
-        y = tb[torch.from_numpy(rng.choice(len(b), m, replace=False)).to(device)]
+        x = ta[torch.from_numpy(rng.choice(len(a), m, replace=False)).to(ta.device)]
+        y = tb[torch.from_numpy(rng.choice(len(b), m, replace=False)).to(tb.device)]
         kxx = (x @ x.T / d + 1) ** 3
         kyy = (y @ y.T / d + 1) ** 3
         kxy = (x @ y.T / d + 1) ** 3
@@ -98,29 +104,31 @@ def kid(a: np.ndarray, b: np.ndarray, subsets: int = 100, subset_size: int = 100
     return float(np.mean(values)), float(np.std(values))
 
 
-
-def _rows(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(x, dtype=np.float32)).to("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def knn_radii(features: np.ndarray, k: int = 3, batch: int = 2048) -> torch.Tensor:
-    """Each feature's distance to its k-th nearest other feature: the balls precision/recall count in."""
-    x = _rows(features)
+def _radii(x: torch.Tensor, k: int, batch: int) -> torch.Tensor:
     return torch.cat([torch.cdist(x[i:i + batch], x).kthvalue(k + 1, dim=1).values for i in range(0, len(x), batch)])
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, real_radii: torch.Tensor | None = None,
+def knn_radii(features: np.ndarray, k: int = NEIGHBOURS, batch: int = 2048) -> torch.Tensor:
+    """Each feature's distance to its k-th nearest other feature: the balls precision/recall count in."""
+    return _radii(_rows(features), k, batch)
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = NEIGHBOURS, real_radii: torch.Tensor | None = None,
                      batch: int = 2048) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019): the share of fake features inside the
     k-NN balls of the real ones (fidelity) and of real features inside the fake ones' (diversity: a
     student that drops modes, as DMD-style one-step students may, loses recall, not always FID).
-    `real_radii` (knn_radii(real, k)) saves recomputing the real set's balls for every student."""
+    Needs more than k features in each set. `real_radii` (knn_radii(real, k)) saves recomputing the
+    real set's balls for every student."""
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision/recall with k = {k} needs more than {k} features in each set, got "
+                         f"{len(real)} real and {len(fake)} generated")
     r, f = _rows(real), _rows(fake)
-    r_radii = knn_radii(real, k, batch) if real_radii is None else real_radii.to(r.device)
+    r_radii = _radii(r, k, batch) if real_radii is None else real_radii.to(r.device)
 
     def covered(points: torch.Tensor, centres: torch.Tensor, radius: torch.Tensor) -> float:
         inside = [(torch.cdist(points[i:i + batch], centres) <= radius).any(dim=1)
                   for i in range(0, len(points), batch)]
         return torch.cat(inside).float().mean().item()
 
-    return covered(f, r, r_radii), covered(r, f, knn_radii(fake, k, batch))
+    return covered(f, r, r_radii), covered(r, f, _radii(f, k, batch))
