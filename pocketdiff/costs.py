@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from .bundle import Bundle
@@ -88,7 +89,9 @@ def measure_costs(bundle: Bundle, resolution: int | None = None, batch: int = 1)
         device = next(module.parameters()).device
         inputs = _example_inputs(bundle, name, hw, batch, device)
         counter = FlopCounterMode(display=False)
-        with counter:
+        # The counter has no formula for the fused CPU attention kernel (it would count zero MACs);
+        # the math kernel is the same products as matmuls it counts, on every device.
+        with sdpa_kernel(SDPBackend.MATH), counter:
             fn(**inputs)
         n = sum(p.numel() for p in params)
         shapes = {k: list(v.shape) for k, v in inputs.items() if isinstance(v, torch.Tensor)}

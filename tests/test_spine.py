@@ -23,6 +23,15 @@ def test_sd15_costs_match_published_figures():
     assert abs(costs["vae_decoder"].weight_macs - 1240e9) / 1240e9 < 0.01
 
 
+def test_costs_count_attention_on_cpu_as_on_meta():
+    """CPU runs a fused attention kernel the FLOP counter has no formula for: it must still be counted."""
+    on_cpu = {c.component: c for c in measure_costs(build_arch("tiny", seed=1), None)}
+    on_meta = {c.component: c for c in measure_costs(build_arch("tiny", device="meta"), None)}
+    assert on_cpu["unet"].attention_macs > 0
+    assert {n: (c.macs, c.attention_macs) for n, c in on_cpu.items()} == \
+        {n: (c.macs, c.attention_macs) for n, c in on_meta.items()}
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("b") / "tiny"
