@@ -175,7 +175,11 @@ def confined_path(folder: Path, relative: str, where: str) -> Path:
 
 
 class Exporter(Protocol):
-    """Turns one Bundle component into one artifact under `out` (a folder being written atomically)."""
+    """Turns one Bundle component into one artifact under `out` (a folder being written atomically).
+
+    An exporter may also define `finish_folder(bundle, aset, out)`, called once all artifacts are final,
+    to write the files its folder carries beside the graphs (pipeline index, manifest, README).
+    """
 
     target: ClassVar[str]
 
@@ -245,6 +249,9 @@ def export_bundle(bundle: Bundle, model: str, targets: list[str], options: Expor
         aset = ArtifactSet(model=model, artifacts=artifacts, sampler=sampler_info(bundle),
                            model_hash=bundle.manifest.content_hash,
                            quantization=step.manifest_entry if step else None)
+        for exporter in exporters:
+            if hasattr(exporter, "finish_folder"):  # its folder's own files, once every artifact is final
+                exporter.finish_folder(bundle, aset, tmp)
         portable_configs(tmp)
         aset.save(tmp)
         if step:

@@ -54,6 +54,8 @@ def _export(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--winograd", choices=["auto", "off", "f2", "f4"], default="auto",
                    help="3x3 convolutions in Winograd form: where the measured table says faster (auto), never, "
                         "or everywhere with F(2x2,3x3) / F(4x4,3x3)")
+    p.add_argument("--onnx-attention", choices=["ort_mha", "softmax"], default="ort_mha",
+                   help="ONNX: onnxruntime's contrib MultiHeadAttention (default) or standard ops only (other runtimes)")
     p.add_argument("--fp16-norms", choices=["fp32", "fp16"], default="fp32",
                    help="ExecuTorch fp16: compute GroupNorm/LayerNorm in fp32 (accurate, default) or fp16 (faster)")
     p.add_argument("--quantize", default=None, metavar="SCHEME",
@@ -84,6 +86,7 @@ def _export(p: argparse.ArgumentParser) -> Handler:
         options = ExportOptions(components=tuple(args.components), precision=args.precision,
                                 batch_sizes=args.batch_sizes, resolutions=args.resolutions,
                                 extra={"deployment_target": args.deployment_target, "winograd": args.winograd,
+                                       "onnx_attention": args.onnx_attention,
                                        "executorch_delegate": args.executorch_delegate,
                                        "fp16_norms": args.fp16_norms})
         load_builtins()

@@ -25,10 +25,12 @@ import onnx
 import torch
 
 from ..bundle import Bundle
-from ..errors import GateError, UnsupportedOpError
+from ..errors import ConfigError, GateError, UnsupportedOpError
 from ..fileio import atomic_write_json
-from .base import Artifact, ExportOptions, register_exporter
+from .base import Artifact, ArtifactSet, ExportOptions, register_exporter
 from .components import example_inputs, export_resolutions, locate_op, resolution_multiple, wrap
+from .folder import folder_manifest, render_readme, sampling_settings, write_folder_docs
+from .onnx_pipeline import DIFFUSERS_SCALING, adapt_interface, sampling_scheduler, write_pipeline_files
 from .rewrites.attention import attention_form, choose_form, intended_fused_count
 from .rewrites.feedforward import split_geglu
 from .rewrites.winograd import conv_input_sizes, effective_mode
@@ -45,16 +47,63 @@ ALWAYS_FP32 = ["Resize"]
 ISLAND_LADDER = ("timestep", "timestep+norm+attention", "all")
 FUSED_ATTENTION_OPS = ("Attention", "MultiHeadAttention")  # com.microsoft domain
 FP16_MAX_REL_L2 = 0.05
+# ONNX attention settings (`--onnx-attention`): the form each traces to, for the runtimes that run it.
+ONNX_ATTENTION = {"ort_mha": "onnxruntime's contrib com.microsoft MultiHeadAttention (fused, the default)",
+                  "softmax": "standard ONNX ops only (MatMul, Softmax) for runtimes without onnxruntime's contrib ops"}
+EXAMPLE_SCRIPT = "generate.py"
+LOADING = """## Loading
+- diffusers: `OnnxStableDiffusionPipeline.from_pretrained(this_folder, provider="CPUExecutionProvider")`{missing};
+  pass `latents=` (the starting noise above) to reproduce pocketdiff's image for a seed. It sizes latents as
+  height // 8: for this model's {native}-pixel images pass `height={side}, width={side}`.
+- optimum: `ORTStableDiffusionPipeline.from_pretrained(this_folder)` (it reads the same files).
+- Plain onnxruntime: `python generate.py --prompt "..." --noise noise.npy --out image.png` (numpy, onnxruntime
+  and tokenizers only; it reads everything from manifest.json).
+- Graphs with attention `ort_mha` use onnxruntime's contrib `com.microsoft` MultiHeadAttention; export with
+  `--onnx-attention softmax` for other ONNX runtimes (standard ops only).
+"""
+MISSING_ENCODER = " with `vae_encoder=None` (this folder has no VAE encoder)"
 _DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
            onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32"}
 
 
-def component_config(bundle: Bundle, component: str) -> dict[str, Any]:
-    """The diffusers/transformers config of the module a component comes from, as plain JSON."""
+def graph_config(bundle: Bundle, component: str, interface: dict[str, Any]) -> dict[str, Any]:
+    """The diffusers/transformers config of the module a component comes from, as plain JSON; a VAE graph
+    rescaled to the diffusers ONNX latent convention says so in its `scaling_factor` (what optimum divides by)."""
     module = bundle.text_encoder if component == "text_encoder" else (
         bundle.unet if component == "unet" else bundle.vae)
     cfg = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
+    if "latent_rescale" in interface:
+        cfg["scaling_factor"] = DIFFUSERS_SCALING
     return json.loads(json.dumps(cfg, default=str))
+
+
+def attention_setting(options: ExportOptions) -> str:
+    """The attention form of the ONNX graphs: `extra["onnx_attention"]`, one of `ONNX_ATTENTION` (default ort_mha)."""
+    form = options.extra.get("onnx_attention") or choose_form("onnx")
+    if form not in ONNX_ATTENTION:
+        raise ConfigError(f"unknown ONNX attention {form!r}; choose {' or '.join(ONNX_ATTENTION)} "
+                          f"({'; '.join(f'{k}: {v}' for k, v in ONNX_ATTENTION.items())})")
+    return form
+
+
+def name_static_dims(model: onnx.ModelProto, spec: Any, feeds: dict[str, torch.Tensor]) -> None:
+    """Give output dims the exporter named after ops ("LayerNormalizationlast_hidden_state_dim_1") their fixed
+    size, from one PyTorch run: only the dynamic axes stay symbolic."""
+    with torch.no_grad():
+        out = spec.module(**feeds)
+    dynamic = {d for axes in spec.dynamic_axes.values() for d in axes.values()}
+    for value in model.graph.output:
+        for i, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.dim_param and dim.dim_param not in dynamic:
+                dim.dim_value = int(out.shape[i])
+
+
+def drop_unused_domains(model: onnx.ModelProto) -> None:
+    """Remove opset imports no node uses (a standard-op graph then declares no com.microsoft domain)."""
+    used = {n.domain for n in model.graph.node} | {""}
+    keep = [o for o in model.opset_import if o.domain in used or o.domain == "ai.onnx"]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
 
 
 def trace_to_onnx(module: torch.nn.Module, feeds: dict[str, torch.Tensor], input_names: list[str],
@@ -316,29 +365,6 @@ def io_description(model: onnx.ModelProto) -> tuple[dict[str, dict[str, Any]], d
     return describe(model.graph.input), describe(model.graph.output)
 
 
-def _write_pipeline_files(bundle: Bundle, root: Path) -> None:
-    """tokenizer/, scheduler/ and model_index.json beside the component folders (diffusers ONNX layout)."""
-    if (root / "model_index.json").exists():
-        return
-    index: dict[str, Any] = {"_class_name": "OnnxStableDiffusionPipeline", "_diffusers_version": _diffusers_version(),
-                             "safety_checker": [None, None], "feature_extractor": [None, None],
-                             "requires_safety_checker": False,
-                             "scheduler": ["diffusers", type(bundle.scheduler).__name__]}
-    bundle.scheduler.save_pretrained(root / "scheduler")
-    if bundle.tokenizer is not None:
-        bundle.tokenizer.save_pretrained(root / "tokenizer")
-        index["tokenizer"] = ["transformers", type(bundle.tokenizer).__name__]
-    for comp in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
-        index[comp] = ["diffusers", "OnnxRuntimeModel"]
-    atomic_write_json(root / "model_index.json", index)
-
-
-def _diffusers_version() -> str:
-    import diffusers
-
-    return diffusers.__version__
-
-
 @register_exporter
 class OnnxExporter:
     """Target "onnx": one `<component>/model.onnx` per component under `onnx/`."""
@@ -351,10 +377,8 @@ class OnnxExporter:
         spec = wrap(bundle, component)
         resolutions = export_resolutions(bundle, options.resolutions)
         feeds = example_inputs(bundle, component, options.batch_sizes[0], resolutions[0])
-        form = choose_form("onnx")
-        root = out / "onnx"
-        _write_pipeline_files(bundle, root)
-        final = root / component / "model.onnx"
+        form = attention_setting(options)
+        final = out / "onnx" / component / "model.onnx"
         scratch = Path(tempfile.mkdtemp(prefix="onnx-", dir=out))
         try:
             used: set[str] = set()
@@ -367,11 +391,14 @@ class OnnxExporter:
             if options.precision == "fp16":
                 model, details["fp32_islands"], details["fp16_trial"] = self._fp16(
                     model, spec, feeds, scratch, component)
+            details["interface"] = adapt_interface(model, bundle, component)
+            name_static_dims(model, spec, feeds)
+            drop_unused_domains(model)
             external = save_model(model, final)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         onnx.checker.check_model(str(final))
-        atomic_write_json(final.parent / "config.json", component_config(bundle, component))
+        atomic_write_json(final.parent / "config.json", graph_config(bundle, component, details["interface"]))
         inputs, outputs = io_description(model)
         shapes = [{n: list(t.shape) for n, t in example_inputs(bundle, component, b, r).items()}
                   for b in options.batch_sizes for r in resolutions]
@@ -383,6 +410,24 @@ class OnnxExporter:
             "export_seconds": round(time.perf_counter() - start, 2)})
         return Artifact(target=self.target, component=component, path=str(final.relative_to(out)),
                         precision=options.precision, inputs=inputs, outputs=outputs, shapes=shapes, details=details)
+
+    def finish_folder(self, bundle: Bundle, aset: ArtifactSet, out: Path) -> None:
+        """Pipeline files, manifest.json, README.md and the example script generate.py in `out/onnx`."""
+        import onnxruntime
+
+        root = out / "onnx"
+        components = [a.component for a in aset.artifacts if a.target == self.target]
+        config, _ = sampling_settings(bundle)
+        files = write_pipeline_files(bundle, root, components, config.scheduler)
+        manifest = folder_manifest(bundle, aset, self.target, "onnx", sampling_scheduler(bundle, config.scheduler),
+                                   files["tokenizer"], DIFFUSERS_SCALING,
+                                   {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
+                                    "opset": str(OPSET)})
+        side = bundle.resolution // bundle.vae_scale_factor * 8  # the pipeline sizes latents as height // 8
+        loading = LOADING.format(missing="" if "vae_encoder" in components else MISSING_ENCODER, side=side,
+                                 native=bundle.resolution)
+        write_folder_docs(root, manifest, render_readme(manifest, loading),
+                          {EXAMPLE_SCRIPT: (Path(__file__).parent / "onnx_example.py").read_bytes()})
 
     def _winograd(self, model: onnx.ModelProto, module: torch.nn.Module, feeds: dict[str, torch.Tensor],
                   options: ExportOptions) -> dict[str, Any]:

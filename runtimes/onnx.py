@@ -89,14 +89,24 @@ class OnnxSession:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.check_feeds(feeds)
-        cast = {n: np.ascontiguousarray(feeds[n], dtype=_NP.get(d["dtype"], np.float32))
-                for n, d in self.artifact.inputs.items()}
         try:
-            outs = self.session.run(None, cast)
+            outs = self.session.run(None, graph_feeds(self.artifact, feeds))
         except Exception as e:
             first = str(e).strip().splitlines()[0][:300]
             raise ShapeError(f"{self.artifact.component}: onnxruntime rejected the inputs ({first})") from e
+        rescale = self.artifact.details.get("interface", {}).get("latent_rescale", 1.0)
+        if self.artifact.component == "vae_encoder":
+            outs = [o / np.asarray(rescale, o.dtype) for o in outs]
         return dict(zip([o.name for o in self.session.get_outputs()], outs))
+
+
+def graph_feeds(artifact: Artifact, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The graph's own inputs from a component's standard feeds: its names and dtypes, and a decoder's latents
+    in the diffusers ONNX convention (times `latent_rescale`, see `export.onnx_pipeline`)."""
+    rescale = artifact.details.get("interface", {}).get("latent_rescale", 1.0)
+    scale = rescale if artifact.component == "vae_decoder" else 1.0
+    return {n: np.ascontiguousarray(feeds[n] * scale if n == "latent_sample" else feeds[n],
+                                    dtype=_NP.get(d["dtype"], np.float32)) for n, d in artifact.inputs.items()}
 
 
 @register_runtime
@@ -144,9 +154,7 @@ def first_diverging_layer(artifact: Artifact, folder: Path, module: torch.nn.Mod
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location="model.onnx_data", size_threshold=1024)
         sess = load_session(path)
-        types = {i.name: i.type for i in sess.get_inputs()}
-        np_feeds = {k: v.numpy().astype(np.float16) if types.get(k) == "tensor(float16)" else v.numpy()
-                    for k, v in feeds.items() if k in types}
+        np_feeds = graph_feeds(artifact, {k: v.numpy() for k, v in feeds.items()})
         names = [o.name for o in sess.get_outputs()]
         values = dict(zip(names, sess.run(None, np_feeds)))
     for scope in order:
