@@ -160,13 +160,16 @@ def test_images_use_the_same_prompts_and_seeds(report):
     assert base64.b64decode(rows["02-cast"]["images"][0]).startswith(b"\x89PNG")
 
 
-def test_not_a_run_folder_exits_2_and_writes_nothing(tmp_path, capsys):
+def test_bad_input_exits_2_and_writes_nothing(tiny_run, tmp_path, capsys):
     (tmp_path / "plain").mkdir()
-    for args in (["report", str(tmp_path / "plain")], ["report", str(tmp_path / "missing")],
-                 ["report", str(tmp_path / "plain"), "--out", str(tmp_path / "r.html")]):
+    out = ["--out", str(tmp_path / "r.html")]
+    for args, says in ((["report", str(tmp_path / "plain")], "no run.json"),
+                       (["report", str(tmp_path / "missing")], "no run.json"),
+                       (["report", str(tmp_path / "plain"), *out], "no run.json"),
+                       (["report", str(tiny_run), *out, "--figures", str(tmp_path / "none")], "no such file")):
         assert main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("pocketdiff: error: ") and "no run.json" in err[0]
+        assert len(err) == 1 and err[0].startswith("pocketdiff: error: ") and says in err[0]
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["plain"]
 
 
