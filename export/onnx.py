@@ -1,7 +1,12 @@
 """The ONNX exporter: optimum-style folders (onnx/unet/model.onnx + config.json), fp32 or fp16, fused attention.
 
+The folder loads as it is in diffusers' OnnxStableDiffusionPipeline (graph interface and pipeline files:
+`onnx_pipeline.py`) and carries manifest.json, README.md and generate.py, a numpy + onnxruntime +
+tokenizers script that reproduces `pocketdiff generate` (`folder.py`, `onnx_example.py`).
+
 Each component is traced from its `export.components` wrapper with dynamic batch and image axes,
-attention emitted as onnxruntime's fused MultiHeadAttention (`rewrites/attention.py`), GEGLU feed-forward
+attention emitted as onnxruntime's fused MultiHeadAttention, or in standard ops for other runtimes
+(`ONNX_ATTENTION`, `rewrites/attention.py`), GEGLU feed-forward
 layers as two projections (`rewrites/feedforward.py`), 3x3 convolutions rewritten to Winograd form where
 the measured table says it wins (`rewrites/winograd_onnx.py`). fp16 graphs
 keep fp32 islands: always the timestep embedding, and more (normalisations and attention, then the
@@ -30,7 +35,7 @@ from ..fileio import atomic_write_json
 from .base import Artifact, ArtifactSet, ExportOptions, register_exporter
 from .components import example_inputs, export_resolutions, locate_op, resolution_multiple, wrap
 from .folder import folder_manifest, render_readme, sampling_settings, write_folder_docs
-from .onnx_pipeline import DIFFUSERS_SCALING, adapt_interface, sampling_scheduler, write_pipeline_files
+from .onnx_pipeline import DIFFUSERS_SCALING, adapt_interface, write_pipeline_files
 from .rewrites.attention import attention_form, choose_form, intended_fused_count
 from .rewrites.feedforward import split_geglu
 from .rewrites.winograd import conv_input_sizes, effective_mode
@@ -55,7 +60,8 @@ LOADING = """## Loading
 - diffusers: `OnnxStableDiffusionPipeline.from_pretrained(this_folder, provider="CPUExecutionProvider")`{missing};
   pass `latents=` (the starting noise above) to reproduce pocketdiff's image for a seed. It sizes latents as
   height // 8: for this model's {native}-pixel images pass `height={side}, width={side}`.
-- optimum: `ORTStableDiffusionPipeline.from_pretrained(this_folder)` (it reads the same files).
+- optimum: `ORTStableDiffusionPipeline` reads the same layout and casts inputs to the graphs' dtypes (not tested
+  by pocketdiff, whose pinned transformers 5 optimum-onnx does not accept).
 - Plain onnxruntime: `python generate.py --prompt "..." --noise noise.npy --out image.png` (numpy, onnxruntime
   and tokenizers only; it reads everything from manifest.json).
 - Graphs with attention `ort_mha` use onnxruntime's contrib `com.microsoft` MultiHeadAttention; export with
@@ -418,9 +424,8 @@ class OnnxExporter:
         root = out / "onnx"
         components = [a.component for a in aset.artifacts if a.target == self.target]
         config, _ = sampling_settings(bundle)
-        files = write_pipeline_files(bundle, root, components, config.scheduler)
-        manifest = folder_manifest(bundle, aset, self.target, "onnx", sampling_scheduler(bundle, config.scheduler),
-                                   files["tokenizer"], DIFFUSERS_SCALING,
+        scheduler, tokenizer = write_pipeline_files(bundle, root, components, config.scheduler)
+        manifest = folder_manifest(bundle, aset, self.target, "onnx", scheduler, tokenizer, DIFFUSERS_SCALING,
                                    {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
                                     "opset": str(OPSET)})
         side = bundle.resolution // bundle.vae_scale_factor * 8  # the pipeline sizes latents as height // 8

@@ -124,14 +124,11 @@ def _rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
         node.input[:] = [new if i == old else i for i in node.input]
 
 
-def sampling_scheduler(bundle: Bundle, name: str) -> Any:
-    """The diffusers scheduler `pocketdiff generate` samples with (`name` over the Bundle's noise schedule)."""
-    return make_scheduler(name, bundle.scheduler.config)
-
-
-def write_pipeline_files(bundle: Bundle, root: Path, components: list[str], scheduler_name: str) -> dict[str, Any]:
-    """tokenizer/, scheduler/ and model_index.json in `root` (diffusers ONNX layout); the tokenizer's description."""
-    scheduler = sampling_scheduler(bundle, scheduler_name)
+def write_pipeline_files(bundle: Bundle, root: Path, components: list[str],
+                         scheduler_name: str) -> tuple[Any, dict[str, Any] | None]:
+    """tokenizer/, scheduler/ and model_index.json in `root` (diffusers ONNX layout); the scheduler written and
+    the tokenizer's description."""
+    scheduler = make_scheduler(scheduler_name, bundle.scheduler.config)  # the one `pocketdiff generate` uses
     scheduler.save_pretrained(root / "scheduler")
     index: dict[str, Any] = {"_class_name": PIPELINE_CLASS, "_diffusers_version": _diffusers_version(),
                              "safety_checker": [None, None], "feature_extractor": [None, None],
@@ -143,7 +140,7 @@ def write_pipeline_files(bundle: Bundle, root: Path, components: list[str], sche
     for comp in COMPONENT_NAMES:
         index[comp] = ["diffusers", "OnnxRuntimeModel"] if comp in components else [None, None]
     atomic_write_json(root / "model_index.json", index)
-    return {"scheduler": type(scheduler).__name__, "tokenizer": tokenizer}
+    return scheduler, tokenizer
 
 
 def write_tokenizer(bundle: Bundle, folder: Path) -> dict[str, Any]:
