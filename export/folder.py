@@ -51,7 +51,8 @@ def folder_manifest(bundle: Bundle, aset: ArtifactSet, target: str, folder: str,
     artifacts = [a for a in aset.artifacts if a.target == target]
     exported = _sides(artifacts, bundle.vae_scale_factor)
     return {
-        "manifest_version": MANIFEST_VERSION, "format": target, "model": aset.model, "model_hash": aset.model_hash,
+        "manifest_version": MANIFEST_VERSION, "format": target, "model_hash": aset.model_hash,
+        "model": Path(aset.model).name if Path(aset.model).is_absolute() else aset.model,  # no build-machine path
         "versions": {"pocketdiff": pocketdiff.__version__, **runtime},
         "graphs": {a.component: _graph(a, folder) for a in artifacts},
         "tokenizer": tokenizer,

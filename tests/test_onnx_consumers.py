@@ -53,7 +53,7 @@ def folder(bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("consumers") / "art"
     before = os.umask(0o022)
     try:
-        export_bundle(bundle, "arch:tiny", ["onnx"], ExportOptions(components=ALL), out)
+        export_bundle(bundle, str(out.parent / "my-model"), ["onnx"], ExportOptions(components=ALL), out)
     finally:
         os.umask(before)
     return out
@@ -176,8 +176,10 @@ def test_files_are_0644_and_hold_no_build_machine_paths(folder):
     modes = {p.relative_to(folder): p.stat().st_mode & 0o777 for p in folder.rglob("*")}
     assert {m for p, m in modes.items() if (folder / p).is_file()} == {0o644}
     assert {m for p, m in modes.items() if (folder / p).is_dir()} == {0o755}
+    # the model came from a folder on this machine (folder.parent / "my-model"); the app's folder is onnx/
     forbidden = [str(folder.parent), str(Path.home()), str(Path(__file__).resolve().parents[1]), sys.prefix]
-    for path in folder.rglob("*"):
+    for path in (folder / "onnx").rglob("*"):
         if path.is_file():
             data = path.read_bytes()
             assert not [f for f in forbidden if f.encode() in data], path
+    assert json.loads((folder / "onnx" / FOLDER_MANIFEST).read_text())["model"] == "my-model"
