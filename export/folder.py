@@ -28,7 +28,8 @@ CFG = {"convention": "classifier-free",
        "batch_order": ["uncond (negative prompt, default empty)", "cond"],
        "applies": "when guidance_scale > 1; otherwise one U-Net call per step on the prompt alone"}
 EMBEDDED = {"convention": "embedded",
-            "formula": "no guidance pass: the U-Net takes the guidance scale as its timestep_cond input",
+            "formula": "no guidance pass: a guidance-conditioned U-Net; its exported graph takes no timestep_cond "
+                       "input, so the guidance embedding is left out",
             "applies": "always"}
 
 
