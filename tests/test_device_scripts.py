@@ -370,7 +370,8 @@ def test_plan_recipes_sizes_passes_from_a_probe_run(tmp_path: Path):
         folder.mkdir(parents=True)
         (folder / "x_log.jsonl").write_text("".join(json.dumps({"step": s, "elapsed_s": e}) + "\n" for s, e in rows))
 
-    log(tmp_path / "01-recover", [(10, 30.0), (20, 35.0), (30, 40.0)])  # finished stage: 0.5 s/step
+    # finished stage: 0.5 s/step once warm; the first interval (warm-up, 2 s/step) does not count
+    log(tmp_path / "01-recover", [(0, 10.0), (10, 30.0), (20, 35.0), (30, 40.0)])
     log(tmp_path / ".work" / "02-light-decoder-abc", [(5, 1.0), (15, 3.0)])  # unfinished: 0.2 s/step
     plan = [sys.executable, str(DEVICE / "plan_recipes.py")]
     r = subprocess.run([*plan, "100", str(tmp_path), "recover:0.6", "light-decoder"], capture_output=True, text=True)

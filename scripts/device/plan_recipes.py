@@ -2,8 +2,9 @@
 
 A probe run (scripts/device/jobs/recipe.sh with a short SECONDS) logs every training stage's steps
 with their elapsed time (`*_log.jsonl`: in the stage folder once finished, in .work/ until then).
-This reads the seconds per step of each PASS named, between its first and last log lines (so model
-loading and the first, slow steps do not count), and prints `pocketdiff run` flags,
+This reads the seconds per step of each PASS named over the later half of its log lines (model loading
+does not count, nor the first steps after it, which run slow while cuDNN picks kernels and the caching
+allocator grows: a probe that counted them sized a chain's runs to finish well before their time), and prints `pocketdiff run` flags,
 `--set PASS.iterations=N ...`, that make those passes together fit in SECONDS: each its SHARE, a
 fraction of SECONDS (passes without one split what the others leave equally; shares summing below 1
 leave time for work that is not training steps, such as a pass drawing its sampled latents). The jobs
@@ -27,7 +28,8 @@ def seconds_per_step(run_dir: Path, pass_name: str) -> float:
     if len(rows) < 2 or rows[-1]["step"] <= rows[0]["step"]:
         raise SystemExit(f"plan_recipes: {run_dir} has {len(rows)} log line(s) of pass {pass_name!r}: probe longer "
                          "or log more often (--set PASS.log_every=N)")
-    return (rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]) / (rows[-1]["step"] - rows[0]["step"])
+    first = rows[(len(rows) - 1) // 2]
+    return (rows[-1]["elapsed_s"] - first["elapsed_s"]) / (rows[-1]["step"] - first["step"])
 
 
 def main(argv: list[str]) -> None:
