@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from test_bad_input_cli import run_cli  # noqa: F401  (a fixture)
 
 from pocketdiff.errors import ConfigError, GateError, ShapeError, UnsupportedOpError, UserError
 from pocketdiff.export.base import ArtifactSet, ExportOptions, export_bundle
@@ -168,19 +169,17 @@ def test_bad_options(tiny, tmp_path):
     assert GateError.exit_code == 1
 
 
-def test_cli_export_and_bad_input(tmp_path):
-    run = [sys.executable, "-m", "pocketdiff"]
-    ok = subprocess.run(run + ["export", "arch:tiny", "--components", "unet", "--out", str(tmp_path / "c"), "--json"],
-                        capture_output=True, text=True)
+def test_cli_export_and_bad_input(tmp_path, run_cli):  # noqa: F811
+    ok = subprocess.run([sys.executable, "-m", "pocketdiff", "export", "arch:tiny", "--components", "unet", "--out",
+                         str(tmp_path / "c"), "--json"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["artifacts"][0]["details"]["fused_attention"] == 8
-    bad = subprocess.run(run + ["export", "arch:tiny", "--resolutions", "18", "--out", str(tmp_path / "d")],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "multiples of" in bad.stderr and "Traceback" not in bad.stderr
+    # the refusals in this process (the same `main` as `python -m pocketdiff`, without an interpreter start each)
+    code, _, err = run_cli("export", "arch:tiny", "--resolutions", "18", "--out", tmp_path / "d")
+    assert code == 2 and "multiples of" in err and "Traceback" not in err
     assert not (tmp_path / "d").exists()
-    bad = subprocess.run(run + ["export", "arch:tiny", "--targets", "nope", "--out", str(tmp_path / "e")],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "unknown export target" in bad.stderr
+    code, _, err = run_cli("export", "arch:tiny", "--targets", "nope", "--out", tmp_path / "e")
+    assert code == 2 and "unknown export target" in err
 
 
 def test_external_data_past_the_limit(tiny, tmp_path, monkeypatch):
