@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
+from test_bad_input_cli import run_cli  # noqa: F401  (a fixture)
 
 from pocketdiff.errors import ConfigError, CorruptFileError, GateError, InputPathError, ShapeError
 from pocketdiff.export.base import Artifact, ArtifactSet, ExportOptions, export_bundle
@@ -69,21 +70,22 @@ def test_one_corrupted_weight_fails_and_is_located(tiny, exported, tmp_path):
         raise_on_failure(report)
 
 
-def test_cli_validate_exit_codes(exported, tmp_path):
-    run = [sys.executable, "-m", "pocketdiff", "validate"]
-    ok = subprocess.run(run + [str(exported), "--steps", "2", "--json"], capture_output=True, text=True)
+def test_cli_validate_exit_codes(exported, tmp_path, run_cli):  # noqa: F811
+    ok = subprocess.run([sys.executable, "-m", "pocketdiff", "validate", str(exported), "--steps", "2", "--json"],
+                        capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["passed"] is True
+    # the failures in this process (the same `main` as `python -m pocketdiff`, without an interpreter start each)
     _corrupt(exported, tmp_path / "bad")
-    bad = subprocess.run(run + [str(tmp_path / "bad"), "--steps", "2"], capture_output=True, text=True)
-    assert bad.returncode == 1 and "conv1" in bad.stderr and "Traceback" not in bad.stderr
+    code, _, err = run_cli("validate", tmp_path / "bad", "--steps", "2")
+    assert code == 1 and "conv1" in err and "Traceback" not in err
     missing = tmp_path / "missing"
     shutil.copytree(exported, missing)
     shutil.rmtree(missing / "onnx" / "vae_decoder")
-    res = subprocess.run(run + [str(missing)], capture_output=True, text=True)
-    assert res.returncode == 2 and "vae_decoder" in res.stderr
-    res = subprocess.run(run + [str(tmp_path / "nowhere")], capture_output=True, text=True)
-    assert res.returncode == 2 and "artifact folder" in res.stderr
+    code, _, err = run_cli("validate", missing)
+    assert code == 2 and "vae_decoder" in err
+    code, _, err = run_cli("validate", tmp_path / "nowhere")
+    assert code == 2 and "artifact folder" in err
 
 
 def test_bad_artifacts(tiny, exported, tmp_path):
