@@ -2,7 +2,10 @@
 
 Layout of a run folder:
     01-<pass>/ ... NN-<pass>/   one Bundle per finished stage (diffusers folder + pocketdiff.json)
-                                plus stage.json, written last: the stage's commit marker
+                                plus stage.json, written last: the stage's commit marker; a stage
+                                whose pass keeps its input Bundle (export, validate) holds no weights
+                                (stage.json's `weights` names the stage folder that does, null for
+                                the source model) and its pass's files in artifacts/
     .work/NN-<pass>-<key>/      a training pass's checkpoints and logs while its stage is unfinished
     samples/                    images sampled from the final Bundle, when the recipe has [sample]
     run.json                    what happened this time (stages run, reused or unfinished, reports)
@@ -41,6 +44,7 @@ from .sources import load_model
 WORK = ".work"
 
 STAGE_FILE = "stage.json"
+ARTIFACTS = "artifacts"  # a stage's own files besides its Bundle (exported graphs, validation reports)
 RUN_FILE = "run.json"  # written when work starts (marks the folder as a run) and again at the end
 
 
@@ -73,6 +77,12 @@ def _finished_key(folder: Path) -> str | None:
         return json.loads((folder / STAGE_FILE).read_text())["key"]
     except (OSError, ValueError, KeyError):
         return None
+
+
+def weights_folder(folder: Path) -> str | None:
+    """The name of the stage folder holding a finished stage's Bundle (None: the run's source model)."""
+    data = json.loads((folder / STAGE_FILE).read_text())
+    return data.get("weights", folder.name)
 
 
 def work_folder(run_dir: Path, index: int, stage: Stage, key: str) -> Path:
@@ -115,16 +125,24 @@ def run_recipe(recipe: Recipe, run_dir: Path, model: str | None = None, config: 
         keys.append(key)
         contexts.append(PassContext(work_dir=work_folder(run_dir, i, stage, key), device=torch.device(opts.device),
                                     dtype=opts.dtype, deadline=deadline, teacher_loader=teacher,
-                                    progress=opts.progress, log=log))
+                                    progress=opts.progress, log=log,
+                                    earlier=tuple(stage_folder(run_dir, j, s) for j, s in
+                                                  enumerate(recipe.stages[:i - 1], start=1))))
     todo = [i for i, (stage, key) in enumerate(zip(recipe.stages, keys)) if _finished_key(
         stage_folder(run_dir, i + 1, stage)) != key]
+
+    def stage_bundle(index: int) -> tuple[Bundle, str | None]:
+        """Stage `index`'s Bundle (0: the source) and the stage folder holding its weights (None: the source)."""
+        home = None if index == 0 else weights_folder(stage_folder(run_dir, index, recipe.stages[index - 1]))
+        return (source if home is None else Bundle.load(run_dir / home)), home
+
     if todo:  # the first stage to run is checked before anything runs; later ones before their own work
         first = todo[0]
-        first_input = source if first == 0 else Bundle.load(stage_folder(run_dir, first, recipe.stages[first - 1]))
+        first_input = stage_bundle(first)[0]
         get_pass(recipe.stages[first].name).check(first_input, recipe.stages[first].settings, contexts[first])
     if distributed.is_main() and not (run_dir / RUN_FILE).is_file():
         atomic_write_json(run_dir / RUN_FILE, {"recipe": recipe.source, "model": spec, "finished": False, "stages": []})
-    bundle = source
+    bundle, home = source, None
     results: list[StageResult] = []
     finished = True
     for i, stage in enumerate(recipe.stages, start=1):
@@ -136,7 +154,7 @@ def run_recipe(recipe: Recipe, run_dir: Path, model: str | None = None, config: 
             bundle = None
             continue
         if bundle is None:
-            bundle = Bundle.load(stage_folder(run_dir, i - 1, recipe.stages[i - 2]))
+            bundle, home = stage_bundle(i - 1)
         log(f"[{i}/{len(recipe.stages)}] {stage.name} ...")
         t0 = time.monotonic()
         chosen = get_pass(stage.name)
@@ -152,14 +170,20 @@ def run_recipe(recipe: Recipe, run_dir: Path, model: str | None = None, config: 
             bundle = None
             break
         bundle = result.bundle
-        bundle.manifest.passes.append({"pass": stage.name, "settings": stage.settings_dict(), "report": result.report})
+        if not result.unchanged:
+            home = folder.name
+            bundle.manifest.passes.append({"pass": stage.name, "settings": stage.settings_dict(),
+                                           "report": result.report})
         if distributed.is_main():  # one process writes; the others hold the same Bundle in memory
             with atomic_dir(folder) as tmp:
-                bundle.write_into(tmp)
+                if not result.unchanged:
+                    bundle.write_into(tmp)
+                if result.artifacts is not None:
+                    shutil.copytree(result.artifacts, tmp / ARTIFACTS)
                 for log_file in sorted(ctx.work_dir.glob("*.jsonl")):  # training logs stay with the stage
                     shutil.copy2(log_file, tmp / log_file.name)
                 atomic_write_json(tmp / STAGE_FILE, {"key": key, "pass": stage.name,
-                                                     "settings": stage.settings_dict(),
+                                                     "settings": stage.settings_dict(), "weights": home,
                                                      "report": result.report, "seconds": seconds})
             _remove_work(ctx.work_dir)
         distributed.barrier()
@@ -169,10 +193,7 @@ def run_recipe(recipe: Recipe, run_dir: Path, model: str | None = None, config: 
     if not distributed.is_main():
         return {"finished": finished, "stages": [r.__dict__ for r in results], "samples": samples}
     if finished and recipe.sample is not None:
-        final = bundle
-        if final is None:
-            final = (Bundle.load(stage_folder(run_dir, len(recipe.stages), recipe.stages[-1])) if recipe.stages
-                     else source)
+        final = bundle if bundle is not None else stage_bundle(len(recipe.stages))[0]
         samples = _sample(final, recipe.sample, run_dir / "samples")
     summary = {"recipe": recipe.source, "model": spec, "teacher": teacher_spec, "run_dir": str(run_dir),
                "finished": finished, "stages": [r.__dict__ for r in results], "samples": samples}

@@ -28,7 +28,8 @@ BUILTIN_MODULES = ("pocketdiff.passes.basic", "pocketdiff.compress.distill.lcm",
                    "pocketdiff.compress.distill.progressive", "pocketdiff.compress.distill.cfg_aware",
                    "pocketdiff.compress.distill.dmd",
                    "pocketdiff.compress.slim.blocks", "pocketdiff.compress.slim.decoder",
-                   "pocketdiff.compress.slim.recovery", "pocketdiff.compress.slim.prune")
+                   "pocketdiff.compress.slim.recovery", "pocketdiff.compress.slim.prune",
+                   "pocketdiff.export.passes", "pocketdiff.runtimes.passes")
 
 
 @dataclass
@@ -42,6 +43,7 @@ class PassContext:
     teacher_loader: Callable[[], Bundle] | None = None
     progress: bool = True
     log: Callable[[str], None] = lambda _: None
+    earlier: tuple[Path, ...] = ()  # the stage folders before this one (their `artifacts/` folders)
     _teacher: Bundle | None = None
 
     @property
@@ -60,11 +62,16 @@ class PassContext:
 
 @dataclass
 class PassResult:
-    """A pass's output: the new Bundle (None while unfinished), its measured report, and whether it finished."""
+    """A pass's output: the new Bundle (None while unfinished), its measured report, and whether it finished.
+    `unchanged`: the pass returns its input Bundle as it got it (export, validation), so the runner stores no
+    second copy of the weights. `artifacts`, a folder the pass wrote in its work folder, is kept as the stage
+    folder's `artifacts/`."""
 
     bundle: Bundle | None
     report: dict[str, Any] = field(default_factory=dict)
     finished: bool = True
+    artifacts: Path | None = None
+    unchanged: bool = False
 
 
 class Pass(Protocol):
