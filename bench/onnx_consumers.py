@@ -2,7 +2,8 @@
 diffusers' OnnxStableDiffusionPipeline and of the folder's own generate.py, same prompt, seed, steps, guidance.
 
     .venv/bin/python -m pocketdiff export fashion --targets onnx --out /tmp/fashion-onnx
-    .venv/bin/python bench/onnx_consumers.py /tmp/fashion-onnx --model fashion [--prompt P] [--seed 0]
+    .venv/bin/python -m pocketdiff generate fashion -p "a photo of a sneaker" --seed 0 --out /tmp/fashion-gen
+    .venv/bin/python bench/onnx_consumers.py /tmp/fashion-onnx --model fashion --reference /tmp/fashion-gen/0000_seed0.png
 
 Steps and guidance default to the folder's manifest (what `pocketdiff generate` uses for the model).
 """
@@ -27,6 +28,8 @@ def main() -> None:
     p.add_argument("--model", default="fashion", help="the model the folder was exported from")
     p.add_argument("--prompt", default="a photo of a sneaker")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reference", type=Path, default=None,
+                   help="the PNG `pocketdiff generate MODEL -p PROMPT --seed SEED` wrote (default: generate here)")
     args = p.parse_args()
 
     from diffusers import OnnxStableDiffusionPipeline
@@ -42,10 +45,11 @@ def main() -> None:
     side = manifest["resolutions"]["native"] // lat["vae_scale_factor"]
     noise = initial_latents(1, lat["channels"], (side, side), args.seed).numpy()
     start = time.perf_counter()
-    reference = to_uint8(generate(bundle, [args.prompt], SampleConfig.for_bundle(bundle, seed=args.seed),
-                                  progress=False))[0].numpy().astype(int)
+    reference = (np.asarray(Image.open(args.reference)).astype(int) if args.reference else
+                 to_uint8(generate(bundle, [args.prompt], SampleConfig.for_bundle(bundle, seed=args.seed),
+                                   progress=False))[0].numpy().astype(int))
     print(f"pocketdiff generate ({manifest['scheduler']['type']}, {steps} steps, guidance {guidance}): "
-          f"{time.perf_counter() - start:.1f} s")
+          f"{args.reference or f'{time.perf_counter() - start:.1f} s'}")
 
     pipe = OnnxStableDiffusionPipeline.from_pretrained(root, provider="CPUExecutionProvider")
     pipe.set_progress_bar_config(disable=True)
