@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from test_bad_input_cli import run_cli  # noqa: F401  (a fixture)
 
 from pocketdiff.compress.quantize.calibration import CalibrationSet, MIN_PROMPTS, default_prompts, record_calibration
 from pocketdiff.compress.quantize.spec import KEEP_FLOAT, SCHEMES, QuantSpec, make_spec
@@ -119,20 +120,22 @@ def test_broken_calibration_trips_the_gate_and_names_the_layer(tiny_bundle, cali
     assert not out.exists() and not list(tmp_path.glob(".art.tmp-*"))
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "pocketdiff", *args], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
-
-
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(calibration, tmp_path):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(calibration, tmp_path, run_cli):  # noqa: F811
     other = tmp_path / "other.safetensors"
     CalibrationSet(meta={**calibration.meta, "model_fingerprint": "0" * 64}, **calibration.tensors()).save(other)
     out = tmp_path / "art"
     cases = [(["--quantize", "int3"], "unknown quantization scheme 'int3'"),
              (["--targets", "coreml", "--quantize", "w8a8"], "'coreml' has no quantize step yet"),
              (["--quantize", "w8a8", "--calibration", str(other)], "recorded on another model")]
-    for extra, message in cases:
-        r = _cli("export", "arch:tiny", "--components", "unet", "--out", str(out), *extra)
-        assert r.returncode == 2, r.stderr
-        assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    first, *rest = cases
+    r = subprocess.run([sys.executable, "-m", "pocketdiff", "export", "arch:tiny", "--components", "unet", "--out",
+                        str(out), *first[0]], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    results = [(r.returncode, r.stderr, first[1])]
+    for extra, message in rest:  # the same `main` in this process: no interpreter start per case
+        code, _, err = run_cli("export", "arch:tiny", "--components", "unet", "--out", out, *extra)
+        results.append((code, err, message))
+    for code, err, message in results:
+        assert code == 2, err
+        assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
         assert not out.exists()
