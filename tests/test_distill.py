@@ -90,12 +90,19 @@ def test_lcm_loss_falls_for_a_student_that_starts_off_the_teacher(tmp_path):
     assert last < 0.5 * first, (first, last)
 
 
-def test_student_samples_with_its_own_lcm_steps_and_guidance(tmp_path):
+@pytest.fixture(scope="module")
+def one_step_lcm(tmp_path_factory) -> Path:
+    """The stage folder of a one-iteration lcm run on arch:tiny (read, never changed, by the tests that use it)."""
+    folder = tmp_path_factory.mktemp("lcm1")
+    run_recipe(_recipe(folder, iterations=1), folder / "r", options=RunOptions(progress=False))
+    return folder / "r" / "01-lcm"
+
+
+def test_student_samples_with_its_own_lcm_steps_and_guidance(one_step_lcm):
     from pocketdiff.bundle import Bundle
     from pocketdiff.sampler import SampleConfig, generate
 
-    run_recipe(_recipe(tmp_path, iterations=1), tmp_path / "r", options=RunOptions(progress=False))
-    student = Bundle.load(tmp_path / "r" / "01-lcm")
+    student = Bundle.load(one_step_lcm)
     cfg = SampleConfig.for_bundle(student)
     assert (cfg.scheduler, cfg.steps, cfg.guidance_scale) == ("lcm", 4, 4.0)
     assert student.unet.config.time_cond_proj_dim == 256
@@ -126,8 +133,7 @@ def test_two_gloo_processes_train_the_same_weights_as_one(tmp_path):
     recipe.write_text(LCM.format(iterations=3, lr=1e-3, loss="huber", extra=""))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = ["-m", "pocketdiff", "run", str(recipe), "--device", "cpu", "--json"]
-    one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], capture_output=True, text=True,
-                         env=env)
+    assert run_recipe(load_recipe(recipe), tmp_path / "one", options=RunOptions(progress=False))["finished"]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                           "--master-port", "29517", *common, "--out", str(tmp_path / "two")],
                          capture_output=True, text=True, env=env)
@@ -137,7 +143,7 @@ def test_two_gloo_processes_train_the_same_weights_as_one(tmp_path):
                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                           "--main_process_port", "29518", *common, "--out", str(tmp_path / "acc")],
                          capture_output=True, text=True, env=env)
-    for r in (one, two, acc):
+    for r in (two, acc):
         assert r.returncode == 0, r.stderr[-2000:]
     a, b = _unet(tmp_path / "one"), _unet(tmp_path / "two")
     assert _same(b, _unet(tmp_path / "acc"))  # the two launchers set up the same processes
@@ -173,17 +179,16 @@ def test_bad_lcm_settings_fail_when_the_recipe_is_read(tmp_path, extra, message)
         load_recipe(path)
 
 
-def test_teacher_without_a_noise_schedule_or_with_a_guidance_input_is_refused_before_training(tmp_path):
+def test_teacher_without_a_noise_schedule_or_with_a_guidance_input_is_refused_before_training(tmp_path, one_step_lcm):
     bad = tmp_path / "fold.toml"
     bad.write_text('model = "arch:tiny"\n[[pass]]\nname = "fold-guidance"\n')
     with pytest.raises(ConfigError, match="needs a student with a guidance input"):
         run_recipe(load_recipe(bad), tmp_path / "r", options=RunOptions(progress=False))
     assert not (tmp_path / "r").exists()
 
-    run_recipe(_recipe(tmp_path, iterations=1), tmp_path / "s", options=RunOptions(progress=False))
     again = tmp_path / "again.toml"
     again.write_text(LCM.format(iterations=1, lr=1e-4, loss="huber", extra="").replace(
-        'model = "arch:tiny"', f'model = "{tmp_path / "s" / "01-lcm"}"'))
+        'model = "arch:tiny"', f'model = "{one_step_lcm}"'))
     with pytest.raises(ConfigError, match="already takes a guidance input"):
         run_recipe(load_recipe(again), tmp_path / "r2", options=RunOptions(progress=False))
     assert not (tmp_path / "r2").exists()
@@ -334,11 +339,10 @@ def test_cfg_aware_student_keeps_cfg_resumes_and_mixes_both_losses(tmp_path):
     assert calls == [2, 2]  # two steps, each a CFG pair: negative prompts still work
 
 
-def test_cfg_aware_refuses_a_guidance_conditioned_student(tmp_path):
-    run_recipe(_recipe(tmp_path, iterations=1), tmp_path / "s", options=RunOptions(progress=False))
+def test_cfg_aware_refuses_a_guidance_conditioned_student(tmp_path, one_step_lcm):
     bad = tmp_path / "bad.toml"
     bad.write_text(CFG_AWARE.format(iterations=1).replace('model = "arch:tiny"',
-                                                          f'model = "{tmp_path / "s" / "01-lcm"}"\nteacher = "arch:tiny"'))
+                                                          f'model = "{one_step_lcm}"\nteacher = "arch:tiny"'))
     with pytest.raises(ConfigError, match="ordinary CFG"):
         run_recipe(load_recipe(bad), tmp_path / "r", options=RunOptions(progress=False))
     assert not (tmp_path / "r").exists()
