@@ -1,8 +1,6 @@
 """Spine: costs against published SD1.5 figures, Bundle round trip, sampler determinism, bad input."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -114,8 +112,10 @@ def test_recipe_overrides_set_typed_settings_by_pass_name_or_number():
         load_recipe("fashion-4step", ["cast.dtype=float32"])
 
 
-def test_cli_bad_input_is_one_line_exit_2(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "pocketdiff", "info", str(tmp_path / "nope")],
-                       capture_output=True, text=True)
-    assert p.returncode == 2
-    assert p.stderr.strip().startswith("pocketdiff: error:") and "Traceback" not in p.stderr
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    from pocketdiff.cli import main
+
+    code = main(["info", str(tmp_path / "nope")])  # the `main` of `python -m pocketdiff`, in this process
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().startswith("pocketdiff: error:") and "Traceback" not in err
