@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from ..bundle import Bundle
@@ -54,9 +55,9 @@ class ExportPass:
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
         options = ExportOptions(components=tuple(s.components), precision=s.precision,
                                 batch_sizes=tuple(s.batch_sizes))
-        # artifacts.json names the model the Bundle came from; its weights hash tells `pocketdiff validate`
-        # when the reference given is not the stage's own weights (pass --model RUN/NN-stage then)
-        model = str(bundle.manifest.source.get("name") or bundle.manifest.source.get("kind") or "bundle")
+        # artifacts.json names where the weights are, as `pocketdiff export` does: validate and profile load it
+        where = Path(ctx.model) if ctx.input_folder is None else ctx.input_folder
+        model = str(where.resolve()) if where.exists() else ctx.model
         aset = export_bundle(bundle, model, list(s.targets), options, out, log=ctx.log)
         report = {"artifacts": [{"target": a.target, "component": a.component, "precision": a.precision,
                                  "path": a.path, "bytes": a.details.get("bytes"),

@@ -125,7 +125,7 @@ def run_recipe(recipe: Recipe, run_dir: Path, model: str | None = None, config: 
         keys.append(key)
         contexts.append(PassContext(work_dir=work_folder(run_dir, i, stage, key), device=torch.device(opts.device),
                                     dtype=opts.dtype, deadline=deadline, teacher_loader=teacher,
-                                    progress=opts.progress, log=log,
+                                    progress=opts.progress, log=log, model=spec,
                                     earlier=tuple(stage_folder(run_dir, j, s) for j, s in
                                                   enumerate(recipe.stages[:i - 1], start=1))))
     todo = [i for i, (stage, key) in enumerate(zip(recipe.stages, keys)) if _finished_key(
@@ -158,6 +158,7 @@ def run_recipe(recipe: Recipe, run_dir: Path, model: str | None = None, config: 
         log(f"[{i}/{len(recipe.stages)}] {stage.name} ...")
         t0 = time.monotonic()
         chosen = get_pass(stage.name)
+        ctx.input_folder = None if home is None else run_dir / home
         if i - 1 != todo[0]:
             chosen.check(bundle, stage.settings, ctx)
         result = chosen.apply(bundle, stage.settings, ctx)

@@ -73,3 +73,15 @@ def test_bad_export_settings_are_refused_when_the_recipe_is_read(tmp_path, line,
     path.write_text(f'model = "arch:tiny"\n[[pass]]\nname = "export"\n{line}\n')
     with pytest.raises(RecipeError, match=message):
         load_recipe(path)
+
+
+def test_profile_stage_keeps_its_report_and_refuses_a_foreign_against_folder(tmp_path):
+    stages = EXPORT_VALIDATE.replace('name = "validate"\nsteps = 2', 'name = "profile"\nblocks = 1\nper_block = 1')
+    summary = run_recipe(_recipe(tmp_path, stages), tmp_path / "run")
+    profile = json.loads((tmp_path / "run" / "03-profile" / "artifacts" / "profile.json").read_text())
+    timed = summary["stages"][2]["report"]["median_ms"]["onnx"]
+    assert set(timed) >= {"unet", "vae_decoder"} and all(ms > 0 for ms in timed.values())
+    assert profile["profiles"]["A"]["targets"]["onnx"]["components"]["unet"]["median_ms"] == timed["unet"]
+    bad = stages + f'against = "{tmp_path}"\n'
+    with pytest.raises(RecipeError, match="not a folder written by `pocketdiff export`"):
+        run_recipe(_recipe(tmp_path, bad), tmp_path / "run2")

@@ -44,6 +44,8 @@ class PassContext:
     progress: bool = True
     log: Callable[[str], None] = lambda _: None
     earlier: tuple[Path, ...] = ()  # the stage folders before this one (their `artifacts/` folders)
+    model: str = ""  # the run's source model, as the recipe or --model named it
+    input_folder: Path | None = None  # the folder holding the input Bundle's weights (None: the source model)
     _teacher: Bundle | None = None
 
     @property
