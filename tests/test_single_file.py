@@ -1,13 +1,11 @@
 """Single-file SD1.x checkpoints: loaded offline bit-exactly, bad files refused with clear errors."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 import transformers
 from safetensors.torch import save_file
 
+from pocketdiff.cli import main
 from pocketdiff.single_file import save_single_file
 from pocketdiff.errors import ConfigError, CorruptFileError, InputPathError
 from pocketdiff.sources import load_model
@@ -44,7 +42,7 @@ def test_zoo_config_that_does_not_fit_is_a_config_error(checkpoint):
         load_model(str(root / "model.safetensors"))
 
 
-def test_bad_single_files(tmp_path, checkpoint):
+def test_bad_single_files(tmp_path, checkpoint, capsys):
     _, root = checkpoint
     with pytest.raises(InputPathError):
         load_model(str(tmp_path / "missing.safetensors"))
@@ -55,7 +53,7 @@ def test_bad_single_files(tmp_path, checkpoint):
     save_file({"foo": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ConfigError, match="not an original-format"):
         load_model(str(tmp_path / "other.safetensors"))
-    cli = subprocess.run([sys.executable, "-m", "pocketdiff", "info", str(tmp_path / "cut.safetensors")],
-                         capture_output=True, text=True)
-    assert cli.returncode == 2
-    assert cli.stderr.strip().count("\n") == 0 and "cut.safetensors" in cli.stderr
+    code = main(["info", str(tmp_path / "cut.safetensors")])  # the `main` of `python -m pocketdiff`, in this process
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "cut.safetensors" in err
