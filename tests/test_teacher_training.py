@@ -2,8 +2,6 @@
 the decoder fine-tune moves the decoder only."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -56,10 +54,13 @@ def test_decoder_finetune_keeps_the_encoder(tmp_path, captions):
     assert any(k.startswith("decoder.") for k in changed)
 
 
-def test_train_cli_bad_data_folder_is_one_line_exit_2(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "pocketdiff", "train", "teacher", "--out", str(tmp_path / "t"),
-                          "--data", str(tmp_path / "missing"), "--json"], capture_output=True, text=True)
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1
-    assert json.loads(out.stdout)["error"]["exit_code"] == 2  # --json: the failure is JSON on stdout too
+def test_train_cli_bad_data_folder_is_one_line_exit_2(tmp_path, capsys):
+    from pocketdiff.cli import main
+
+    # the `main` of `python -m pocketdiff`, in this process
+    code = main(["train", "teacher", "--out", str(tmp_path / "t"), "--data", str(tmp_path / "missing"), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert json.loads(out)["error"]["exit_code"] == 2  # --json: the failure is JSON on stdout too
     assert not (tmp_path / "t").exists() and not (tmp_path / ".t.train").exists()
