@@ -22,6 +22,8 @@ from __future__ import annotations
 import copy
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -120,12 +122,58 @@ def _unsupported(component: str, module: nn.Module, feeds: dict[str, torch.Tenso
     return UnsupportedOpError(f"ExecuTorch export of {component} failed: {_first_line(e)}")
 
 
+@contextmanager
+def delegate_outputs_keep_layout() -> Iterator[None]:
+    """XNNPACK's channels-last pass, made to hand every delegate output back in the layout the program records.
+
+    ExecuTorch 1.5.1's `ChannelsLastTaggedReshapePass` re-converges broadcast binary ops after its main walk. When
+    a dequantized value is both a delegate output (NCHW) and an operand of such an op (an int8 downsampler's
+    output that is a U-Net skip and the identity residual of the next resnet), the NHWC copy it inserts for the op
+    takes over every use of that value (`replace_all_uses_with`), the graph output's too, and nothing checks the
+    output again: XNNPACK then returns NHWC into an NCHW tensor ("Attempted to resize a static tensor"). Here each
+    output whose layout differs from the one it had before the pass gets a copy back to it, made by the pass's own
+    insertion on a dequantize of the output's own, so the ops inside keep their inputs."""
+    from executorch.backends.xnnpack._passes.channels_last_tagged_reshape_pass import ChannelsLastTaggedReshapePass
+    from executorch.backends.xnnpack.utils.quant_utils import is_dequant
+    from executorch.exir.pass_base import PassResult
+
+    layout_pass = ChannelsLastTaggedReshapePass
+    original = layout_pass.call
+
+    def call(self: Any, graph_module: torch.fx.GraphModule) -> Any:
+        wanted = [layout_pass._is_nhwc_tensor(n.meta["val"]) for n in graph_module.graph.output_node().args[0]]
+        graph_module = original(self, graph_module).graph_module
+        out = graph_module.graph.output_node()
+        wrong = [(n, nhwc) for n, nhwc in zip(out.args[0], wanted) if layout_pass.is_nhwc_node(n) != nhwc]
+        if not wrong:
+            return PassResult(graph_module, True)
+        for node, nhwc in wrong:
+            if is_dequant(node):  # the output gets a dequantize of its own: the pass's copy then rewires it alone
+                with graph_module.graph.inserting_after(node):
+                    own = graph_module.graph.create_node("call_function", node.target, node.args, node.kwargs)
+                own.meta = {k: v for k, v in node.meta.items() if k != layout_pass.PARTNER_NODE}
+                out.replace_input_with(node, own)
+                node = own
+            (self.input_to_nhwc if nhwc else self.input_to_nchw)(graph_module, node, out)
+        graph_module.recompile()
+        for node in graph_module.graph.nodes:
+            node.meta.pop(layout_pass.PARTNER_NODE, None)
+        return PassResult(super(layout_pass, self).call(graph_module).graph_module, True)
+
+    layout_pass.call = call
+    try:
+        yield
+    finally:
+        layout_pass.call = original
+
+
 def lower(programs: dict[str, Any], component: str, partitioners: list[Any]) -> tuple[bytes, dict[str, Any]]:
     """Lower exported programs (one per method) to one .pte; returns its bytes and per-method op counts."""
     from executorch.exir import to_edge_transform_and_lower
 
     try:
-        edge = to_edge_transform_and_lower(programs, partitioner=partitioners)
+        with delegate_outputs_keep_layout():
+            edge = to_edge_transform_and_lower(programs, partitioner=partitioners)
     except Exception as e:
         hit = _find_op(programs, str(e))
         where = f"op {hit[0]} in {component} module {hit[1]}" if hit else component

@@ -8,12 +8,14 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 from torchao.quantization.pt2e import FixedQParamsObserver
 
 from pocketdiff.compress.quantize.spec import INT4_GROUP, SCHEMES, make_spec
 from pocketdiff.errors import GateError
 from pocketdiff.export import executorch_quantize
 from pocketdiff.export.base import ArtifactSet, ExportOptions, export_bundle
+from pocketdiff.export.executorch import lower
 from pocketdiff.export.quantize import Quantization, QuantizeExport, check_quantization
 from pocketdiff.runtimes.harness import raise_on_failure, validate
 from pocketdiff.runtimes.quantize_gate import QuantizationGate
@@ -51,6 +53,41 @@ def test_static_int8_lowers_runs_and_passes_its_gate(tiny_bundle, calibration, t
     assert not any(k.startswith("quantized_decomposed") or "convolution" in k or "addmm" in k
                    for k in ops["outside_delegates"]), ops["outside_delegates"]
     raise_on_failure(validate(out, bundle=tiny_bundle))  # `pocketdiff validate` takes the folder as it is
+
+
+class _SkipAndResidual(nn.Module):
+    """fashion's down_blocks.2 -> 3 in miniature: a downsampler whose int8 output is a U-Net skip (a delegate
+    output) and the identity residual of the next resnet (equal widths, so no shortcut conv). arch:tiny's widths
+    (32, 64) give that resnet a shortcut conv, so its U-Net never has this pattern."""
+
+    def __init__(self):
+        super().__init__()
+        self.down, self.conv = nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        skip = self.down(x)
+        return skip + self.conv(skip), skip
+
+
+def test_an_int8_skip_that_is_also_a_residual_comes_back_in_its_layout():
+    """XNNPACK's channels-last pass used to hand that skip back NHWC into an NCHW tensor (the fashion w8a8 fault:
+    "Attempted to resize a static tensor")."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.runtime import Runtime
+
+    torch.manual_seed(0)
+    module, x = _SkipAndResidual().eval(), torch.randn(2, 8, 4, 4)
+    programs, calls = executorch_quantize.quantize_programs(module, {"b2": {"x": x}}, "toy",
+                                                            executorch_quantize.static_quantizer,
+                                                            executorch_quantize.iter_one)
+    data, ops = lower(programs, "toy", [XnnpackPartitioner()])
+    assert calls == 1 and ops["b2"] == {"delegates": 1, "outside_delegates": {}}
+    got = Runtime.get().load_program(data).load_method("b2").execute([x])
+    with torch.no_grad():
+        want = module(x)
+    assert [tuple(t.shape) for t in got] == [(2, 8, 2, 2)] * 2
+    for g, w in zip(got, want):
+        assert (g - w).norm() / w.norm() < 0.05  # int8 rounding
 
 
 def _force_input_scale(prepared, layer: str) -> None:
