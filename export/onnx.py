@@ -59,7 +59,8 @@ EXAMPLE_SCRIPT = "generate.py"
 LOADING = """## Loading
 - diffusers: `OnnxStableDiffusionPipeline.from_pretrained(this_folder, provider="CPUExecutionProvider")`{missing};
   pass `latents=` (the starting noise above) to reproduce pocketdiff's image for a seed. It sizes latents as
-  height // 8: for this model's {native}-pixel images pass `height={side}, width={side}`.
+  height // 8: for this model's {native}-pixel images pass `height={side}, width={side}`. (diffusers 0.42 prints
+  "EP Error ... Falling back to ['CPUExecutionProvider']" for each graph, then runs on that provider.)
 - optimum: `ORTStableDiffusionPipeline` reads the same layout and casts inputs to the graphs' dtypes (not tested
   by pocketdiff, whose pinned transformers 5 optimum-onnx does not accept).
 - Plain onnxruntime: `python generate.py --prompt "..." --noise noise.npy --out image.png` (numpy, onnxruntime
