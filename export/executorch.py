@@ -14,6 +14,8 @@ the fourth does less arithmetic:
   * 3x3 convolutions whose layer shape the measured XNNPACK table (`rewrites/winograd_table.py`) says is
     faster in Winograd form become `WinogradConv2d` (`rewrites/winograd_torch.py`; fp32; `--winograd f2|f4`
     forces it everywhere, `off` never).
+Every lowering also keeps each XNNPACK delegate output in the layout the program records
+(`delegate_outputs_keep_layout`: a correctness repair of ExecuTorch 1.5.1's channels-last pass on int8 graphs).
 `plain_xnnpack_lowering` is the baseline for the latency comparison in bench/export_scale.py.
 """
 
