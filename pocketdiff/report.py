@@ -113,7 +113,9 @@ def _measure(row: dict[str, Any], config: ReportConfig) -> None:
     row["components"] = {c.component: {"params": c.params, "macs": c.macs, "weight_macs": c.weight_macs}
                          for c in costs}
     row["params"] = sum(c.params for c in costs)
-    row["weights_bytes"] = _disk_bytes(_folder_of(row["spec"]), "*.safetensors")
+    folder = _folder_of(row["spec"])  # per component: a built-in's text encoder is packaged apart
+    row["weights_bytes"] = {c: _disk_bytes(folder / c, "*.safetensors") for c in ("text_encoder", "unet", "vae")
+                            if folder is not None and _disk_bytes(folder / c, "*.safetensors")}
     if config.images and bundle.text_encoder is not None:
         bundle.to("cpu", torch.float32)  # the reference sampler runs in fp32 on the host
         cfg = SampleConfig.for_bundle(bundle, fallback=config.sampling, seed=config.seed,
@@ -177,7 +179,7 @@ def _attach_profile(ctx: _Figures, path: Path, data: dict[str, Any]) -> bool:
             row.setdefault("latency", {})[target] = {
                 "status": t.get("status"), "image_ms": image and image["median_ms"],
                 "image_p90_ms": image and image["p90_ms"], "steps": image and image["sampler"]["steps"],
-                "peak_rss_mb": t.get("peak_rss_mb"),
+                "peak_rss_mb": t.get("memory", {}).get("peak_rss_mb"),
                 "components_ms": {c: v["median_ms"] for c, v in t.get("components", {}).items()}}
         if prof.get("estimates"):
             row["estimates"] = prof["estimates"]

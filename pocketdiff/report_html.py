@@ -60,7 +60,7 @@ def stage_table(rows: list[dict[str, Any]]) -> str:
         lines.append([
             escape(r["label"]), escape(r["status"]), _fmt(r.get("params")),
             _fmt(_gmacs(r, "text_encoder"), ".3f"), _fmt(_gmacs(r, "unet"), ".3f"), _fmt(_gmacs(r, "vae_decoder"), ".3f"),
-            _fmt(_mb(r.get("weights_bytes")), ".1f"),
+            _per_runtime({c: _mb(n) for c, n in r.get("weights_bytes", {}).items()}, ".1f"),
             _per_runtime({f"{t}, {v['steps']} steps" if v["steps"] else t: v["image_ms"]
                           for t, v in r.get("latency", {}).items()}, ".1f"),
             _per_runtime({_cell(q): q["fid"] for q in quality}, ".2f"),
@@ -68,7 +68,7 @@ def stage_table(rows: list[dict[str, Any]]) -> str:
             _per_runtime({t: f"{v['status']}, {v['psnr_db']:.1f} dB" if v["psnr_db"] is not None else v["status"]
                           for t, v in r.get("parity", {}).items()}, "")])
     return _table(["model", "status", "params", "text enc. GMACs/call", "U-Net GMACs/call", "decoder GMACs/call",
-                   "weights MB", "latency ms/image", "FID", "prompt accuracy", "parity vs PyTorch"], lines, "stages")
+                   "weights on disk MB", "latency ms/image", "FID", "prompt accuracy", "parity vs PyTorch"], lines, "stages")
 
 
 def image_grid(report: dict[str, Any]) -> str:

@@ -56,7 +56,7 @@ def tiny_run(tmp_path_factory):
                      "components": {"unet": {"rel_l2": 2e-6, "gate_rel_l2": 3e-5}}}]}))
     (run / "export.profile.json").write_text(json.dumps({"method": {"blocks": 4, "per_block": 2}, "profiles": {"A": {
         "folder": str(export), "model": str(last),
-        "targets": {"onnx": {"status": "measured", "peak_rss_mb": 310.0,
+        "targets": {"onnx": {"status": "measured", "memory": {"peak_rss_mb": 310.0},
                              "components": {"unet": {"median_ms": 0.42, "p90_ms": 0.5}},
                              "image": {"median_ms": 12.5, "p90_ms": 13.1, "sampler": {"steps": 2}}}},
         "estimates": [{"device": "a17", "name": "iPhone 15 Pro (A17 Pro ANE)", "image_ms": 3.25,
@@ -128,7 +128,9 @@ def test_every_stage_is_in_the_table_with_its_measured_params(report, tiny_run):
     for figure in ("latency ms/image", "parity vs PyTorch"):  # nothing invented
         assert rows["teacher (arch:tiny)"][figure] == rows["01-scheduler"][figure] == "not measured"
     assert rows["01-scheduler"]["FID"] == rows["01-scheduler"]["prompt accuracy"] == "not measured"
-    assert rows["teacher (arch:tiny)"]["weights MB"] == "not measured"  # arch:tiny has no files
+    assert rows["teacher (arch:tiny)"]["weights on disk MB"] == "not measured"  # arch:tiny has no files
+    unet = (tiny_run / "02-cast" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert f"unet: {unet / 1e6:.1f}" in rows["02-cast"]["weights on disk MB"]
 
 
 def test_json_and_html_agree(report, tiny_run):
@@ -137,6 +139,7 @@ def test_json_and_html_agree(report, tiny_run):
     shown = {line[0]: line for line in tables["stages"][1:]}
     for row in data["rows"]:
         assert shown[row["label"]][2] == f"{row['params']:,}"
+    assert data["rows"][2]["latency"]["onnx"]["peak_rss_mb"] == 310.0
     assert data["points"] == [{"model": "02-cast", "runtime": "onnx", "steps": 2, "image_ms": 12.5, "fid": 40.5,
                                "prompt_accuracy": 0.61}]
     assert tables["estimates"][1][1:3] == ["iPhone 15 Pro (A17 Pro ANE)", "3.2"]
