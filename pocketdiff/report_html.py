@@ -93,6 +93,13 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [i * step for i in range(math.floor(lo / step), math.ceil(hi / step) + 1)]
 
 
+def _span(values: list[float]) -> tuple[float, float]:
+    """The axis range: the values plus a margin of a tenth of their spread (of a fifth of one value alone)."""
+    lo, hi = min(values), max(values)
+    margin = 0.1 * (hi - lo) if hi > lo else 0.2 * abs(lo) or 1.0
+    return lo - margin, hi + margin
+
+
 def scatter_svg(points: list[tuple[float, float, str, str]], title: str, x_label: str, y_label: str,
                 missing: str) -> str:
     """An inline SVG scatter of (x, y, series, label) points, one colour per series; `missing` when empty."""
@@ -101,8 +108,7 @@ def scatter_svg(points: list[tuple[float, float, str, str]], title: str, x_label
         return (f'<svg width="{w}" height="70"><text x="10" y="20" font-weight="bold">{escape(title)}</text>'
                 f'<text x="10" y="42" fill="#999">{escape(NOT_MEASURED)}: needs {escape(missing)}</text></svg>')
     xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x_ticks = _ticks(min(xs) - (max(xs) - min(xs) or 1) * 0.1, max(xs) + (max(xs) - min(xs) or 1) * 0.1)
-    y_ticks = _ticks(min(ys) - (max(ys) - min(ys) or 1) * 0.1, max(ys) + (max(ys) - min(ys) or 1) * 0.1)
+    x_ticks, y_ticks = _ticks(*_span(xs)), _ticks(*_span(ys))
 
     def sx(x: float) -> float:
         return left + (x - x_ticks[0]) / (x_ticks[-1] - x_ticks[0]) * (w - left - pad)
