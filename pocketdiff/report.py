@@ -59,12 +59,17 @@ def _same(a: str | Path, b: Path) -> bool:
 
 
 def _model_rows(run_dir: Path, run: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per model: the teacher, then each stage run.json lists, with its folder when written."""
+    """One row per model: the teacher, then each stage run.json lists, with its folder when written. A stage
+    that kept its input model (export, validate, profile) is no model of its own: its files are figures."""
+    from .runner import STAGE_FILE, weights_folder
+
     teacher = run.get("teacher") or run.get("model")
     rows = [{"id": "teacher", "label": f"teacher ({teacher})", "spec": teacher, "status": "source"}]
     for s in run["stages"]:
         folder = run_dir / s["folder"]
-        written = s["status"] != "unfinished" and (folder / "stage.json").is_file()
+        written = s["status"] != "unfinished" and (folder / STAGE_FILE).is_file()
+        if written and weights_folder(folder) != folder.name:
+            continue
         rows.append({"id": s["folder"], "label": s["folder"], "spec": str(folder) if written else None,
                      "status": s["status"] if written else "not written", "seconds": s.get("seconds")})
     return rows

@@ -7,6 +7,7 @@ import pytest
 
 from pocketdiff.errors import RecipeError
 from pocketdiff.recipe import load_recipe
+from pocketdiff.report import ReportConfig, build_report
 from pocketdiff.runner import STAGE_FILE, run_recipe
 
 RECIPE = """
@@ -38,9 +39,15 @@ def _recipe(tmp_path, stages):
     return load_recipe(path)
 
 
-def test_export_and_validate_stages_keep_artifacts_and_pass_the_bundle_through(tmp_path):
-    run = tmp_path / "run"
-    summary = run_recipe(_recipe(tmp_path, EXPORT_VALIDATE), run, options=None)
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A run of scheduler -> export -> validate on arch:tiny: (recipe folder, run folder, summary)."""
+    tmp = tmp_path_factory.mktemp("stages")
+    return tmp, tmp / "run", run_recipe(_recipe(tmp, EXPORT_VALIDATE), tmp / "run")
+
+
+def test_export_and_validate_stages_keep_artifacts_and_pass_the_bundle_through(exported):
+    tmp_path, run, summary = exported
     assert [s["status"] for s in summary["stages"]] == ["ran", "ran", "ran"] and summary["finished"]
     export, checked = run / "02-export", run / "03-validate"
     assert not (export / "unet").exists() and not (checked / "unet").exists()  # no second copy of the weights
@@ -55,6 +62,15 @@ def test_export_and_validate_stages_keep_artifacts_and_pass_the_bundle_through(t
     assert len(summary["samples"]) == 1  # sampled from the passed-through Bundle
     again = run_recipe(_recipe(tmp_path, EXPORT_VALIDATE), run)
     assert [s["status"] for s in again["stages"]] == ["reused"] * 3 and len(again["samples"]) == 1
+
+
+def test_report_puts_the_stages_figures_on_the_model_they_measured(exported):
+    _, run, _ = exported
+    report = build_report(run, ReportConfig(images=False))
+    assert [r["id"] for r in report["rows"]] == ["teacher", "01-scheduler"]  # export/validate are no models
+    row = report["rows"][1]
+    assert row["parity"]["onnx"]["status"] == "passed" and row["parity"]["onnx"]["psnr_db"] > 90
+    assert report["unattributed"] == []
 
 
 def test_validate_without_an_export_stage_fails_before_any_work(tmp_path):
