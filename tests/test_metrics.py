@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 
 from pocketdiff.data import load_fashion_mnist
@@ -23,6 +24,12 @@ def test_fid_and_kid_known_answers():
     b = rng.normal(loc=1.0, size=(2000, 16))
     assert abs(fid_from_features(a, a)) < 1e-6
     assert abs(fid_from_features(a, b) - 16.0) < 1.0  # |mu difference|^2 = 16
+    # the covariance term equals pytorch-fid's scipy sqrtm form on non-commuting covariances
+    c = rng.normal(size=(2000, 16)) @ rng.normal(size=(16, 16))
+    sa, sc = np.cov(a, rowvar=False), np.cov(c, rowvar=False)
+    reference = np.trace(sa) + np.trace(sc) - 2 * np.trace(scipy.linalg.sqrtm(sa @ sc).real)
+    mean_term = np.sum((a.mean(0) - c.mean(0)) ** 2)
+    assert abs(fid_from_features(a, c) - mean_term - reference) < 1e-9 * abs(reference)
     assert kid(a, b, subsets=5, subset_size=500)[0] > 10 * abs(kid(a, a[::-1].copy(), subsets=5, subset_size=500)[0])
 
 

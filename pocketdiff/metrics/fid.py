@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import linalg
 from tqdm.auto import tqdm
 
 from ..errors import DataError
@@ -62,14 +61,15 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """Fréchet distance between two Gaussians (the FID formula, as in pytorch-fid)."""
+    """Fréchet distance between two Gaussians (the FID formula, as in pytorch-fid). tr sqrtm(Σ1Σ2) is taken as
+    the sum of the square roots of the eigenvalues of the symmetric sqrt(Σ1) Σ2 sqrt(Σ1), which has the same
+    spectrum: two symmetric eigendecompositions instead of scipy's general sqrtm, several times faster at
+    Inception's 2048 dimensions and the same to float64 rounding on full-rank covariances."""
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1.dot(sigma2))
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    covmean = covmean.real
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    w, v = np.linalg.eigh(sigma1)
+    root = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    products = np.linalg.eigvalsh(root @ sigma2 @ root)
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(np.clip(products, 0.0, None)).sum())
 
 
 def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
