@@ -2,6 +2,7 @@
 (no second copy of the weights), reruns reuse them, and a recipe whose stages do not fit fails first."""
 
 import json
+import shutil
 
 import pytest
 
@@ -91,10 +92,13 @@ def test_bad_export_settings_are_refused_when_the_recipe_is_read(tmp_path, line,
         load_recipe(path)
 
 
-def test_profile_stage_keeps_its_report_and_refuses_a_foreign_against_folder(tmp_path):
+def test_profile_stage_keeps_its_report_and_refuses_a_foreign_against_folder(exported, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(exported[1], run)  # the export stage is reused: only the profile stage runs
     stages = EXPORT_VALIDATE.replace('name = "validate"\nsteps = 2', 'name = "profile"\nblocks = 1\nper_block = 1')
-    summary = run_recipe(_recipe(tmp_path, stages), tmp_path / "run")
-    profile = json.loads((tmp_path / "run" / "03-profile" / "artifacts" / "profile.json").read_text())
+    summary = run_recipe(_recipe(tmp_path, stages), run)
+    assert [s["status"] for s in summary["stages"]] == ["reused", "reused", "ran"]
+    profile = json.loads((run / "03-profile" / "artifacts" / "profile.json").read_text())
     timed = summary["stages"][2]["report"]["median_ms"]["onnx"]
     assert set(timed) >= {"unet", "vae_decoder"} and all(ms > 0 for ms in timed.values())
     assert profile["profiles"]["A"]["targets"]["onnx"]["components"]["unet"]["median_ms"] == timed["unet"]
