@@ -386,6 +386,7 @@ class OnnxExporter:
         feeds = example_inputs(bundle, component, options.batch_sizes[0], resolutions[0])
         form = attention_setting(options)
         final = out / "onnx" / component / "model.onnx"
+        out.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix="onnx-", dir=out))
         try:
             used: set[str] = set()
