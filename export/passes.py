@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..bundle import Bundle
-from ..passes import PassContext, PassResult, register_pass
+from ..passes import ARTIFACTS, PassContext, PassResult, register_pass
 from ..settings import setting
 from .base import ExportOptions, export_bundle, get_exporter, load_builtins
 from .components import wrap
@@ -50,7 +50,7 @@ class ExportPass:
             wrap(bundle, component)
 
     def apply(self, bundle: Bundle, s: Settings, ctx: PassContext) -> PassResult:
-        out = ctx.work_dir / "artifacts"
+        out = ctx.work_dir / ARTIFACTS
         shutil.rmtree(out, ignore_errors=True)  # an interrupted attempt's leftovers
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
         options = ExportOptions(components=tuple(s.components), precision=s.precision,

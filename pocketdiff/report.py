@@ -21,6 +21,7 @@ from typing import Any
 from .bundle import Bundle, read_json
 from .errors import InputPathError
 from .fileio import atomic_write_bytes, json_text
+from .runner import STAGE_FILE, weights_folder
 
 REPORT_FILE = "report.html"
 # Images of a model that records no sampling settings of its own: the teacher's best cell (DPM-Solver++ 25,
@@ -61,8 +62,6 @@ def _same(a: str | Path, b: Path) -> bool:
 def _model_rows(run_dir: Path, run: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per model: the teacher, then each stage run.json lists, with its folder when written. A stage
     that kept its input model (export, validate, profile) is no model of its own: its files are figures."""
-    from .runner import STAGE_FILE, weights_folder
-
     teacher = run.get("teacher") or run.get("model")
     rows = [{"id": "teacher", "label": f"teacher ({teacher})", "spec": teacher, "status": "source"}]
     for s in run["stages"]:

@@ -37,14 +37,13 @@ import torch
 from . import __version__, distributed
 from .bundle import Bundle
 from .fileio import atomic_dir, atomic_write_json, hash_json
-from .passes import PassContext, get_pass
+from .passes import ARTIFACTS, PassContext, get_pass
 from .recipe import Recipe, SampleSettings, Stage
 from .sources import load_model
 
 WORK = ".work"
 
 STAGE_FILE = "stage.json"
-ARTIFACTS = "artifacts"  # a stage's own files besides its Bundle (exported graphs, validation reports)
 RUN_FILE = "run.json"  # written when work starts (marks the folder as a run) and again at the end
 
 

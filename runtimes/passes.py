@@ -15,7 +15,7 @@ from pathlib import Path
 from ..bundle import Bundle
 from ..errors import RecipeError
 from ..fileio import atomic_write_json
-from ..passes import PassContext, PassResult, register_pass
+from ..passes import ARTIFACTS, PassContext, PassResult, register_pass
 from ..settings import setting
 from ..export.base import MANIFEST
 from .harness import ValidateConfig, raise_on_failure, validate
@@ -29,12 +29,12 @@ def exported_folder(ctx: PassContext, stage: str) -> Path:
     exports = [f for f in ctx.earlier if f.name.split("-", 1)[-1] == EXPORT_STAGE]
     if not exports:
         raise RecipeError(f"a '{stage}' stage needs an '{EXPORT_STAGE}' stage before it in the recipe")
-    return exports[-1] / "artifacts"
+    return exports[-1] / ARTIFACTS
 
 
 def _kept(ctx: PassContext, name: str, report: dict) -> Path:
     """`report` written as `name` in a fresh artifacts folder of the work folder."""
-    out = ctx.work_dir / "artifacts"
+    out = ctx.work_dir / ARTIFACTS
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / name, report)
     return out

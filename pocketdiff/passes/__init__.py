@@ -24,6 +24,7 @@ from ..errors import ConfigError, RecipeError
 from ..registry import Registry
 from ..settings import parse
 
+ARTIFACTS = "artifacts"  # a stage folder's own files besides its Bundle (exported graphs, reports)
 BUILTIN_MODULES = ("pocketdiff.passes.basic", "pocketdiff.compress.distill.lcm", "pocketdiff.compress.distill.fold",
                    "pocketdiff.compress.distill.progressive", "pocketdiff.compress.distill.cfg_aware",
                    "pocketdiff.compress.distill.dmd",
